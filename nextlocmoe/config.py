@@ -1,0 +1,295 @@
+"""The one typed config tree: dataclasses, loaded from YAML, overridable with ``section.key=value``.
+
+Every field is validated in ``__post_init__`` so a bad value fails at start-up with the field's dotted name,
+not deep inside a training step. ``save_config`` writes the resolved tree next to each run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the field."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class DataConfig:
+    dir: str = "demo-out/data"  # a `nextlocmoe prepare` output folder
+    batch_size: int = 32  # micro-batch per rank
+    eval_batch_size: int = 128
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "data.batch_size must be >= 1")
+        _check(self.eval_batch_size >= 1, "data.eval_batch_size must be >= 1")
+        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+
+
+@dataclass
+class BackboneConfig:
+    """A Llama-family decoder: a local HF checkpoint (``path``) or, with ``path: null``, a tiny random one."""
+
+    path: str | None = None
+    num_layers: int = 12  # truncate the loaded decoder to its first L layers
+    freeze: bool = True  # token embeddings, attention and original FFN weights stay frozen
+    # Used only when path is null (debug / mid flavours built in code):
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vocab_size: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.num_layers >= 1, "model.backbone.num_layers must be >= 1")
+        _check(self.hidden_size % self.num_heads == 0, "model.backbone.hidden_size % num_heads must be 0")
+        _check(self.num_heads % self.num_kv_heads == 0, "model.backbone.num_heads % num_kv_heads must be 0")
+
+
+@dataclass
+class EmbedConfig:
+    d_loc: int = 128
+    d_weekday: int = 16
+    d_hour: int = 16
+    d_dur: int = 16
+    tcn_levels: int = 5
+    tcn_kernel: int = 2
+
+    @property
+    def d_rec(self) -> int:
+        return self.d_loc + self.d_weekday + self.d_hour + self.d_dur
+
+
+@dataclass
+class SemanticMoEConfig:
+    """Level 1: the Location-Semantics MoE (5 function experts, history-conditioned router)."""
+
+    enabled: bool = True
+    top_k: int = 2
+    router_hidden: int = 128
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.top_k <= 5, "model.semantic_moe.top_k must be in 1..5 (5 function experts)")
+
+
+@dataclass
+class PersonalMoEConfig:
+    """Level 2: persona experts (frozen FFN + LoRA) from ``start_layer`` every ``every`` layers."""
+
+    num_experts: int = 11
+    start_layer: int = 8  # L_frozen
+    every: int = 2
+    lora_r: int = 16
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.02
+    routing: str = "topk"  # "topk" | "threshold"
+    top_k: int = 2
+    tau: float = 0.8  # threshold (top-p) mass
+    k_max: int = 5  # cap on experts per token under threshold routing
+    renormalize: bool = False  # reference: selected probabilities are not renormalised
+    router_hidden: int = 256
+    compute: str = "grouped"  # "grouped" (sparse pairs, training) | "dense" (static, export)
+
+    def __post_init__(self) -> None:
+        _check(self.num_experts >= 1, "model.personal_moe.num_experts must be >= 1")
+        _check(self.routing in ("topk", "threshold"), "model.personal_moe.routing must be topk|threshold")
+        _check(1 <= self.top_k <= self.num_experts, "model.personal_moe.top_k must be in 1..num_experts")
+        _check(1 <= self.k_max <= self.num_experts, "model.personal_moe.k_max must be in 1..num_experts")
+        _check(0.0 < self.tau <= 1.0, "model.personal_moe.tau must be in (0, 1]")
+        _check(self.every >= 1 and self.start_layer >= 0, "model.personal_moe.every/start_layer invalid")
+        _check(self.compute in ("grouped", "dense"), "model.personal_moe.compute must be grouped|dense")
+        _check(self.lora_r >= 1, "model.personal_moe.lora_r must be >= 1")
+
+    @property
+    def slots(self) -> int:
+        """K: routing slots per token (top_k, or k_max under threshold routing)."""
+        return self.top_k if self.routing == "topk" else self.k_max
+
+
+@dataclass
+class HeadsConfig:
+    scored: bool = True  # candidate-scoring head over the location table (MODEL.md "ranking heads")
+    d_loc_emb: int = 64
+    ranking: str = "scored"  # which ranking `evaluate` reports as the headline: point | scored
+
+    def __post_init__(self) -> None:
+        _check(self.ranking in ("point", "scored"), "model.heads.ranking must be point|scored")
+        _check(self.scored or self.ranking == "point", "model.heads.ranking=scored needs heads.scored=true")
+
+
+@dataclass
+class ModelConfig:
+    flavour: str = "debug"
+    text_encoder: str = "auto"  # auto | backbone | minilm
+    prompt: str = (
+        "Task: predict the next location of a user from their long-term history and current trajectory."
+    )
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    semantic_moe: SemanticMoEConfig = field(default_factory=SemanticMoEConfig)
+    personal_moe: PersonalMoEConfig = field(default_factory=PersonalMoEConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.text_encoder in ("auto", "backbone", "minilm"), "model.text_encoder: auto|backbone|minilm")
+        pm, nl = self.personal_moe, self.backbone.num_layers
+        _check(pm.start_layer < nl, f"model.personal_moe.start_layer {pm.start_layer} >= num_layers {nl}")
+
+    def moe_layers(self) -> list[int]:
+        """Decoder layer indices whose FFN becomes a personalized MoE."""
+        pm = self.personal_moe
+        return list(range(pm.start_layer, self.backbone.num_layers, pm.every))
+
+
+@dataclass
+class LossConfig:
+    entropy_weight: float = 300.0  # lambda (reference); distance loss is in metres
+    duration_weight: float = 0.0
+    aux_weight: float = 0.0  # load-balancing loss from the expert-parallel layer
+    scored_weight: float = 1000.0  # cross-entropy of the candidate-scoring head (metre-scaled)
+
+    def __post_init__(self) -> None:
+        for k in ("entropy_weight", "duration_weight", "aux_weight", "scored_weight"):
+            _check(getattr(self, k) >= 0, f"loss.{k} must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    name: str = "debug"
+    out_dir: str = "runs"
+    steps: int = 200
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    seed: int = 0
+    grad_accum: int = 1
+    precision: str = "fp32"  # fp32 | bf16
+    ep_size: int = 1
+    zero_stage: int = 2
+    log_every: int = 10
+    ckpt_every: int = 100
+    eval_every: int = 0  # 0 = only at the end
+    max_eval_samples: int = 0  # 0 = all
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "train.steps must be >= 1")
+        _check(self.precision in ("fp32", "bf16"), "train.precision must be fp32|bf16")
+        _check(self.ep_size >= 1, "train.ep_size must be >= 1")
+        _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0..3")
+        _check(self.grad_accum >= 1, "train.grad_accum must be >= 1")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        e, ep = self.model.personal_moe.num_experts, self.train.ep_size
+        _check(e % ep == 0, f"model.personal_moe.num_experts ({e}) must be divisible by train.ep_size ({ep})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading, overrides, saving
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type ``tp`` (str, int, float, bool, Optional)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        return _coerce(value, args[0], name)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name}: expected a boolean, got {value!r}")
+    if tp in (int, float, str):
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        try:
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = _field_types(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {sorted(prefix + k for k in unknown)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, raw: str) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {p} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or defaults), apply ``section.key=value`` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        tree = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like section.key=value")
+        key, raw = ov.split("=", 1)
+        _set_dotted(tree, key.strip(), raw.strip())
+    return _build(Config, tree, "")
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    return _build(Config, tree, "")

@@ -1,0 +1,43 @@
+"""Prediction heads: coordinate, duration, and the candidate-scoring head (MODEL.md "ranking heads").
+
+Shape legend: B batch, D model width, L known locations, M location-embedding width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PointHeads(nn.Module):
+    """Last hidden state -> normalised (x, y) [B, 2] and duration [B] (Linear + ReLU)."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.xy = nn.Linear(d_model, 2)
+        self.dur = nn.Linear(d_model, 1)
+
+    def forward(self, h_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.xy(h_BD), torch.relu(self.dur(h_BD)).squeeze(-1)
+
+
+class ScoredHead(nn.Module):
+    """s(l) = <W h, e_l> - beta * ||pred - xy_l|| over every known location l (normalised units).
+
+    ``loc_xy_L2`` (normalised coordinates of the location table) is a buffer; ``e_l`` a learned embedding.
+    """
+
+    def __init__(self, d_model: int, loc_xy_L2: torch.Tensor, d_emb: int) -> None:
+        super().__init__()
+        self.register_buffer("loc_xy_L2", loc_xy_L2.float().clone(), persistent=True)
+        self.loc_emb = nn.Embedding(loc_xy_L2.shape[0], d_emb)
+        nn.init.normal_(self.loc_emb.weight, std=0.02)
+        self.query = nn.Linear(d_model, d_emb, bias=False)
+        self.log_beta = nn.Parameter(torch.zeros(()))
+
+    def forward(self, h_BD: torch.Tensor, pred_xy_B2: torch.Tensor) -> torch.Tensor:
+        """-> scores [B, L] (fp32)."""
+        q_BM = self.query(h_BD).float()
+        diff_BL2 = pred_xy_B2.float().unsqueeze(1) - self.loc_xy_L2.unsqueeze(0)
+        dist_BL = torch.sqrt((diff_BL2 * diff_BL2).sum(-1) + 1e-12)
+        return q_BM @ self.loc_emb.weight.float().t() - torch.exp(self.log_beta) * dist_BL

@@ -1,0 +1,59 @@
+"""The loss, assembled in one place (MODEL.md "Heads and loss").
+
+loss = mean Euclidean distance (metres) + lambda * mean personalized-router entropy
+       (+ duration L1, + expert-parallel load-balancing aux, + candidate-scoring cross-entropy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nextlocmoe.config import LossConfig
+from nextlocmoe.model.nextlocmoe import ModelAux, Predictions
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    distance_m: torch.Tensor
+    entropy: torch.Tensor
+    aux: torch.Tensor
+    duration: torch.Tensor
+    scored: torch.Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        """The logged keys of metrics.jsonl (CONTRACT.md)."""
+        return {
+            "loss": float(self.total.detach()),
+            "loss_distance": float(self.distance_m.detach()),
+            "loss_entropy": float(self.entropy.detach()),
+            "loss_aux": float(self.aux.detach()),
+            "loss_duration": float(self.duration.detach()),
+            "loss_scored": float(self.scored.detach()),
+        }
+
+
+def distance_m(pred_xy_B2: torch.Tensor, target_xy_B2: torch.Tensor, xy_std_m: float) -> torch.Tensor:
+    """Per-sample Euclidean distance in metres between normalised points [B]."""
+    d = (pred_xy_B2.float() - target_xy_B2.float()) * xy_std_m
+    return torch.sqrt((d * d).sum(-1) + 1e-6)
+
+
+def compute_loss(
+    pred: Predictions, aux: ModelAux, batch: dict[str, torch.Tensor], cfg: LossConfig, xy_std_m: float
+) -> LossParts:
+    dist = distance_m(pred.xy, batch["target_xy"], xy_std_m).mean()
+    zero = dist.new_zeros(())
+    ent = torch.stack([a.entropy for a in aux.personal]).mean() if aux.personal else zero
+    l_aux = torch.stack([a.l_aux.float() for a in aux.personal]).sum() if aux.personal else zero
+    dur = (pred.dur.float() - batch["target_dur"].float()).abs().mean()
+    scored = zero
+    if pred.scores is not None:
+        scored = torch.nn.functional.cross_entropy(pred.scores.float(), batch["target_loc"])
+    total = (
+        dist + cfg.entropy_weight * ent + cfg.aux_weight * l_aux + cfg.duration_weight * dur
+        + cfg.scored_weight * scored
+    )  # fmt: skip
+    return LossParts(total, dist, ent, l_aux, dur, scored)

@@ -1,0 +1,139 @@
+"""The whole NextLocMoE model (single device): record embedding -> TCN history encoder -> Location-Semantics
+MoE on the current window -> [prompt ; history ; current] through a frozen Llama-family decoder whose upper
+FFNs are Personalized MoEs -> coordinate, duration and candidate-scoring heads.
+
+Returns predictions and an explicit ``ModelAux`` (routing outputs of both MoE levels); the loss is
+assembled in ``loss.py`` only.
+
+Shape legend: B batch, H history records, C current records, Pn prompt tokens, S = Pn + H + C,
+R = d_rec, L = d_loc, D = d_model, Nl known locations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from nextlocmoe.config import ModelConfig
+from nextlocmoe.model import text
+from nextlocmoe.model.backbone import load_backbone, prompt_token_ids, swap_ffns
+from nextlocmoe.model.embedding import HistoryEncoder, RecordEmbedding
+from nextlocmoe.model.heads import PointHeads, ScoredHead
+from nextlocmoe.model.personal_moe import PersonalMoE
+from nextlocmoe.model.routing import RoutingAux
+from nextlocmoe.model.semantic_moe import SemanticMoE
+
+MODEL_INPUTS = (
+    "hist_xy", "hist_weekday", "hist_hour", "hist_dur", "hist_mask",
+    "cur_xy", "cur_weekday", "cur_hour", "cur_dur",
+)  # fmt: skip
+
+
+@dataclass
+class DataInfo:
+    """What the model needs from the prepared data set (location table, normalisation)."""
+
+    loc_xy_norm: torch.Tensor  # [Nl, 2] normalised coordinates of every known location
+    xy_std_m: float  # metres per normalised unit
+    x_mean: float = 0.0
+    y_mean: float = 0.0
+
+    @property
+    def num_locations(self) -> int:
+        return int(self.loc_xy_norm.shape[0])
+
+
+@dataclass
+class Predictions:
+    xy: torch.Tensor  # [B, 2] normalised coordinates
+    dur: torch.Tensor  # [B] normalised duration
+    scores: torch.Tensor | None  # [B, Nl] candidate scores (scored head) or None
+
+
+@dataclass
+class ModelAux:
+    semantic: RoutingAux | None
+    personal: list[RoutingAux] = field(default_factory=list)  # one per personalized MoE layer, in order
+
+
+class NextLocMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, info: DataInfo) -> None:
+        super().__init__()
+        self.cfg = cfg
+        ec = cfg.embed
+        self.decoder, tokenizer = load_backbone(cfg.backbone)
+        d_model = self.decoder.config.hidden_size
+        emb = self.decoder.embed_tokens
+        self.rec = RecordEmbedding(ec)
+        self.history = HistoryEncoder(ec.d_rec, ec.tcn_levels, ec.tcn_kernel)
+        cat_EP = text.embed_texts(text.category_texts(), cfg.text_encoder, tokenizer, emb)
+        sm = cfg.semantic_moe
+        self.semantic = (
+            SemanticMoE(cat_EP, ec.d_loc, ec.d_rec, sm.router_hidden, sm.top_k) if sm.enabled else None
+        )
+        persona_EP = text.embed_texts(
+            text.persona_texts(cfg.personal_moe.num_experts), cfg.text_encoder, tokenizer, emb
+        )
+        seed = cfg.backbone.seed
+        swap_ffns(
+            self.decoder,
+            cfg.moe_layers(),
+            lambda mlp, i: PersonalMoE(mlp, cfg.personal_moe, persona_EP, ec.d_rec, i, seed),
+        )
+        ids = prompt_token_ids(cfg.prompt, tokenizer, self.decoder.config.vocab_size)
+        self.register_buffer("prompt_ids", ids, persistent=False)
+        self.proj_hist = nn.Linear(ec.d_rec, d_model)
+        self.proj_cur = nn.Linear(ec.d_rec, d_model)
+        self.heads = PointHeads(d_model)
+        self.scored = ScoredHead(d_model, info.loc_xy_norm, cfg.heads.d_loc_emb) if cfg.heads.scored else None
+
+    def moe_layers(self) -> list[nn.Module]:
+        """The personalized MoE modules (any implementation exposing ``bind``), in layer order."""
+        return [layer.mlp for layer in self.decoder.layers if hasattr(layer.mlp, "bind")]
+
+    def encode_current(
+        self, batch: dict[str, torch.Tensor], h_BR: torch.Tensor
+    ) -> tuple[torch.Tensor, RoutingAux | None]:
+        """Current-window record embeddings [B, C, R] with the semantic-MoE-enhanced location part."""
+        xy, wd, hr, du = (batch[k] for k in ("cur_xy", "cur_weekday", "cur_hour", "cur_dur"))
+        rec_BCR = self.rec(xy, wd, hr, du)
+        if self.semantic is None:
+            return rec_BCR, None
+        B, C, R = rec_BCR.shape
+        d_loc = self.cfg.embed.d_loc
+        ctx = torch.cat([h_BR.unsqueeze(1).expand(B, C, R), rec_BCR], -1).reshape(B * C, 2 * R)
+        base = rec_BCR[..., :d_loc].reshape(B * C, d_loc)
+        enh, aux = self.semantic(xy.reshape(B * C, 2), base, ctx)
+        return torch.cat([enh.view(B, C, d_loc), rec_BCR[..., d_loc:]], -1), aux
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[Predictions, ModelAux]:
+        rec_hist = self.rec(batch["hist_xy"], batch["hist_weekday"], batch["hist_hour"], batch["hist_dur"])
+        h_BR = self.history(rec_hist, batch["hist_mask"])
+        rec_cur, sem_aux = self.encode_current(batch, h_BR)
+        B, H = batch["hist_mask"].shape
+        C = rec_cur.shape[1]
+        prompt = self.decoder.embed_tokens(self.prompt_ids)  # [Pn, D], frozen
+        Pn = prompt.shape[0]
+        x_BSD = torch.cat(
+            [prompt.unsqueeze(0).expand(B, -1, -1).to(rec_hist.dtype), self.proj_hist(rec_hist),
+             self.proj_cur(rec_cur)], dim=1,
+        )  # fmt: skip
+        mask_BS = torch.cat(
+            [torch.ones(B, Pn, dtype=torch.long, device=x_BSD.device), batch["hist_mask"].long(),
+             torch.ones(B, C, dtype=torch.long, device=x_BSD.device)], dim=1,
+        )  # fmt: skip
+        sink: list[RoutingAux] = []
+        for moe in self.moe_layers():
+            moe.bind(h_BR, sink)
+        hidden = self.decoder(inputs_embeds=x_BSD, attention_mask=mask_BS).last_hidden_state
+        h_last = hidden[:, -1]
+        xy, dur = self.heads(h_last)
+        scores = self.scored(h_last, xy) if self.scored is not None else None
+        assert len(sink) == len(self.moe_layers()) and H + C + Pn == x_BSD.shape[1]
+        return Predictions(xy, dur, scores), ModelAux(sem_aux, sink)
+
+
+def build_model(cfg: ModelConfig, info: DataInfo) -> NextLocMoE:
+    return NextLocMoE(cfg, info)

@@ -1,0 +1,54 @@
+"""Level 1: the Location-Semantics MoE (NextLocMoE embedding-level MoE).
+
+K_s = 5 function experts, each a Linear(2 -> d_loc) on the normalised coordinate, initialised from a text
+embedding of its category description; a history-conditioned router (MLP on [h_hist ; record embedding])
+selects the top-2; enhanced location embedding = base location embedding + sum_k w_k expert_k(coord).
+Reuses ``routing.py`` (selection, combine weights, RoutingAux): no MoE logic of its own.
+
+Shape legend: T records (B*C), E = 5 experts, L = d_loc, P text width, R = d_rec.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from nextlocmoe.model.routing import MLPRouter, RoutingAux, combine_weights_TE, topk_select
+
+
+def project_text_to_weights(text_EP: torch.Tensor, d_loc: int, seed: int = 0) -> torch.Tensor:
+    """Fixed Gaussian random projection (Johnson-Lindenstrauss) of text embeddings to expert weights
+    [E, d_loc, 2]: the experts' pairwise geometry follows the descriptions' semantic similarity. Scaled so
+    each weight matrix has the scale of nn.Linear(2, d_loc)'s default init."""
+    gen = torch.Generator().manual_seed(seed)
+    P = text_EP.shape[1]
+    proj = torch.randn(P, d_loc * 2, generator=gen) / math.sqrt(P)
+    text = torch.nn.functional.normalize(text_EP.float(), dim=-1)
+    w = (text @ proj).view(-1, d_loc, 2)
+    return w / w.flatten(1).std(dim=1).view(-1, 1, 1) / math.sqrt(3 * 2)
+
+
+class SemanticMoE(nn.Module):
+    def __init__(self, text_EP: torch.Tensor, d_loc: int, d_rec: int, hidden: int, top_k: int) -> None:
+        super().__init__()
+        self.w_ELI = nn.Parameter(project_text_to_weights(text_EP, d_loc))
+        self.router = MLPRouter(2 * d_rec, hidden, text_EP.shape[0])
+        self.top_k = top_k
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.w_ELI.shape[0])
+
+    def forward(
+        self, xy_T2: torch.Tensor, base_TL: torch.Tensor, ctx_T2R: torch.Tensor
+    ) -> tuple[torch.Tensor, RoutingAux]:
+        """xy_T2 normalised coords, base_TL base location embedding, ctx_T2R [h_hist ; record embedding]
+        -> enhanced [T, L] and the routing aux."""
+        probs_TE = self.router(ctx_T2R)
+        ids_TK, w_TK = topk_select(probs_TE, self.top_k)
+        out_TEL = torch.einsum("ti,eli->tel", xy_T2, self.w_ELI)
+        w_TE = combine_weights_TE(ids_TK, w_TK, self.num_experts).to(out_TEL.dtype)
+        enhanced_TL = base_TL + (w_TE.unsqueeze(-1) * out_TEL).sum(1)
+        return enhanced_TL, RoutingAux(probs_TE, ids_TK, w_TK, xy_T2.new_zeros((), dtype=torch.float32))
