@@ -144,7 +144,9 @@ class ModelConfig:
     heads: HeadsConfig = field(default_factory=HeadsConfig)
 
     def __post_init__(self) -> None:
-        _check(self.text_encoder in ("auto", "backbone", "minilm"), "model.text_encoder: auto|backbone|minilm")
+        _check(
+            self.text_encoder in ("auto", "backbone", "minilm"), "model.text_encoder: auto|backbone|minilm"
+        )
         pm, nl = self.personal_moe, self.backbone.num_layers
         _check(pm.start_layer < nl, f"model.personal_moe.start_layer {pm.start_layer} >= num_layers {nl}")
 

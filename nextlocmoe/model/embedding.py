@@ -23,7 +23,9 @@ class RecordEmbedding(nn.Module):
         self.dur = nn.Linear(1, cfg.d_dur)
         self.d_rec = cfg.d_rec
 
-    def time_part(self, weekday_BN: torch.Tensor, hour_BN: torch.Tensor, dur_BN: torch.Tensor) -> torch.Tensor:
+    def time_part(
+        self, weekday_BN: torch.Tensor, hour_BN: torch.Tensor, dur_BN: torch.Tensor
+    ) -> torch.Tensor:
         """[B, N, d_wd + d_hr + d_du]"""
         return torch.cat([self.weekday(weekday_BN), self.hour(hour_BN), self.dur(dur_BN.unsqueeze(-1))], -1)
 

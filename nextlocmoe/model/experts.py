@@ -129,7 +129,9 @@ class PersonaExperts(nn.Module):
         hw_TF = torch.zeros(T, h_PF.shape[1], dtype=h_PF.dtype, device=h_PF.device)
         y_TD = base.down_proj(hw_TF.index_add(0, t_P, h_PF * w_P.unsqueeze(-1)))
         hd_PF, zs = self.drop(h_PF), []
-        for ex, h_chunk, w_chunk in zip(self.lora, torch.split(hd_PF, counts), torch.split(w_P, counts)):
+        for ex, h_chunk, w_chunk in zip(
+            self.lora, torch.split(hd_PF, counts), torch.split(w_P, counts), strict=True
+        ):
             zs.append(((h_chunk @ ex.down_A.t()) * (s * w_chunk).unsqueeze(-1)) @ ex.down_B.t())
         return y_TD.index_add(0, t_P, torch.cat(zs))
 
@@ -139,8 +141,8 @@ class PersonaExperts(nn.Module):
         one-hot-masked into the stacked [E*r] space and multiplied by all experts' B at once."""
         T, K = ids_TK.shape
         E, base, s = self.num_experts, self.base, self.scaling
-        mask_TKE = torch.nn.functional.one_hot(ids_TK.clamp_min(0), E).to(x_TD.dtype)
-        mask_TKE = mask_TKE * (ids_TK >= 0).unsqueeze(-1).to(x_TD.dtype)
+        valid_TK = (ids_TK >= 0).to(x_TD.dtype)
+        mask_TKE = torch.nn.functional.one_hot(ids_TK.clamp_min(0), E).to(x_TD.dtype) * valid_TK.unsqueeze(-1)
         xd_TD = self.drop(x_TD)
         r = self.lora[0].gate_A.shape[0]
 
@@ -153,7 +155,7 @@ class PersonaExperts(nn.Module):
         g_TKF = base.gate_proj(x_TD).unsqueeze(1) + s * delta("gate_A", "gate_B")
         u_TKF = base.up_proj(x_TD).unsqueeze(1) + s * delta("up_A", "up_B")
         h_TKF = base.act_fn(g_TKF) * u_TKF
-        w_TK1 = w_TK.to(x_TD.dtype).unsqueeze(-1)
+        w_TK1 = (w_TK.to(x_TD.dtype) * valid_TK).unsqueeze(-1)  # empty slots: no output, no gradient
         y_TD = base.down_proj((h_TKF * w_TK1).sum(1))
         z_TKEr = (self.drop(h_TKF) @ self.stacked("down_A").flatten(0, 1).t()).view(T, K, E, r)
         z_TEr = (z_TKEr * (mask_TKE * w_TK1 * s).unsqueeze(-1)).sum(1).flatten(1)
@@ -169,4 +171,3 @@ class PersonaExperts(nn.Module):
         if mode == "naive":
             return self.forward_naive(x_TD, ids_TK, w_TK)
         raise ValueError(f"unknown expert compute mode {mode!r}")
-

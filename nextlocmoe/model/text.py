@@ -49,8 +49,8 @@ FUNCTION_CATEGORIES: dict[str, str] = {
 PERSONAS: dict[str, str] = {
     "Student": "A student who attends classes at school or university on weekdays, studies in libraries and "
     "spends evenings and weekends at cafes, gyms and entertainment places near campus.",
-    "Teacher": "A teacher who commutes to a school every weekday morning, stays there until the afternoon and "
-    "goes home in the evening, with regular and predictable routines.",
+    "Teacher": "A teacher who commutes to a school every weekday morning, stays there until the afternoon "
+    "and goes home in the evening, with regular and predictable routines.",
     "Office worker": "An office worker who commutes between home and an office building on weekdays, eats "
     "lunch at nearby restaurants and visits shops or bars after work.",
     "Visitor": "A visitor or tourist who explores landmarks, museums, hotels, restaurants and transport hubs "

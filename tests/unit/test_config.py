@@ -1,0 +1,55 @@
+"""The config tree: YAML + overrides, validation naming the field, round trip of the resolved config."""
+
+from __future__ import annotations
+
+import pytest
+
+from nextlocmoe.config import ConfigError, config_from_dict, config_to_dict, load_config, save_config
+
+
+def test_debug_and_reference_flavours_load() -> None:
+    d = load_config("configs/debug.yaml")
+    r = load_config("configs/reference.yaml")
+    assert d.model.flavour == "debug" and d.model.backbone.path is None
+    pm = r.model.personal_moe
+    assert (pm.num_experts, pm.start_layer, pm.every, pm.lora_r, pm.tau, pm.k_max) == (11, 8, 2, 16, 0.8, 5)
+    assert r.model.backbone.num_layers == 12 and r.loss.entropy_weight == 300.0
+    assert r.model.moe_layers() == [8, 10]
+
+
+def test_overrides_are_typed() -> None:
+    c = load_config(
+        "configs/debug.yaml",
+        [
+            "train.steps=7",
+            "model.personal_moe.routing=threshold",
+            "model.backbone.path=null",
+            "loss.entropy_weight=1e-3",
+        ],
+    )
+    assert c.train.steps == 7 and c.model.personal_moe.routing == "threshold"
+    assert c.loss.entropy_weight == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("train.ep_size=3", "divisible by train.ep_size"),
+        ("model.personal_moe.routing=topp", "routing must be"),
+        ("model.personal_moe.k_max=9", "k_max"),
+        ("train.steps=abc", "train.steps: expected int"),
+        ("model.nope=1", "unknown config key"),
+        ("model.personal_moe.start_layer=5", "start_layer"),
+        ("train.precision=fp16", "precision"),
+    ],
+)
+def test_invalid_values_name_the_field(override: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config("configs/debug.yaml", [override])
+
+
+def test_resolved_config_round_trip(tmp_path) -> None:
+    c = load_config("configs/debug.yaml", ["train.steps=11"])
+    save_config(c, tmp_path / "config.yaml")
+    c2 = load_config(tmp_path / "config.yaml")
+    assert config_to_dict(c2) == config_to_dict(c) and config_from_dict(config_to_dict(c)) == c

@@ -1,0 +1,166 @@
+"""The whole model on the debug flavour: shapes, masks, aux outputs, frozen/trainable sets, text init,
+loading a Llama-family checkpoint from a local path."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from nextlocmoe.config import Config, load_config
+from nextlocmoe.model import text
+from nextlocmoe.model.loss import compute_loss
+from nextlocmoe.model.nextlocmoe import DataInfo, build_model
+from nextlocmoe.model.personal_moe import PersonalMoE
+from nextlocmoe.model.semantic_moe import project_text_to_weights
+from tests.unit.conftest import random_batch
+
+L = 50
+
+
+@pytest.fixture(scope="module")
+def model(debug_cfg: Config):
+    torch.manual_seed(0)
+    return build_model(debug_cfg.model, DataInfo(torch.randn(L, 2), 1000.0))
+
+
+def test_forward_shapes_and_aux(model, debug_cfg: Config) -> None:
+    b = random_batch(L=L)
+    pred, aux = model(b)
+    assert pred.xy.shape == (4, 2) and pred.dur.shape == (4,) and pred.scores.shape == (4, L)
+    assert (pred.dur >= 0).all()
+    n_moe = len(debug_cfg.model.moe_layers())
+    assert len(aux.personal) == n_moe == len(model.moe_layers()) >= 1
+    S = len(model.prompt_ids) + 12 + 5
+    for a in aux.personal:
+        assert a.probs_TE.shape == (4 * S, debug_cfg.model.personal_moe.num_experts)
+        assert a.ids_TK.shape == (4 * S, 2)
+    assert aux.semantic.probs_TE.shape == (4 * 5, 5) and aux.semantic.ids_TK.shape == (4 * 5, 2)
+    parts = compute_loss(pred, aux, b, debug_cfg.loss, 1000.0)
+    assert torch.isfinite(parts.total) and parts.entropy > 0
+    assert parts.total.item() == pytest.approx(
+        parts.distance_m.item() + 300.0 * parts.entropy.item() + 1000.0 * parts.scored.item(), rel=1e-5
+    )
+
+
+def test_padded_history_is_ignored(model) -> None:
+    model.eval()
+    b = random_batch(L=L)
+    b2 = {k: v.clone() for k, v in b.items()}
+    b2["hist_xy"][0, :6] = 99.0  # sample 0's first 6 history records are padding
+    b2["hist_hour"][0, :6] = 3
+    with torch.no_grad():
+        p1, _ = model(b)
+        p2, _ = model(b2)
+    assert torch.allclose(p1.xy, p2.xy, atol=1e-5)
+    b2["hist_xy"][0, 8] = 99.0  # a real record: must matter
+    with torch.no_grad():
+        p3, _ = model(b2)
+    assert not torch.allclose(p1.xy[0], p3.xy[0], atol=1e-4)
+    model.train()
+
+
+def test_frozen_and_trainable_sets_match_the_spec(model) -> None:
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    for n in frozen:  # frozen: token embeddings, attention, norms, original FFN weights (the shared base)
+        assert n.startswith("decoder.") and ".lora." not in n and ".router." not in n, n
+    assert any("embed_tokens" in n for n in frozen) and any("self_attn" in n for n in frozen)
+    assert any("mlp.experts.base.gate_proj" in n for n in frozen)
+    for n in trainable:  # trained: LoRA, routers, input projections, TCN, semantic MoE, heads
+        ok = (".lora." in n or ".router." in n) or n.split(".")[0] in (
+            "rec",
+            "history",
+            "semantic",
+            "proj_hist",
+            "proj_cur",
+            "heads",
+            "scored",
+        )
+        assert ok, n
+    assert not any(n.startswith("decoder.") and "self_attn" in n for n in trainable)
+
+
+def test_semantic_experts_follow_text_similarity() -> None:
+    t = text.minilm_embed(text.category_texts())
+    assert t.shape == (5, 384)
+    w = project_text_to_weights(t, d_loc=128).flatten(1)
+    cos_t = torch.nn.functional.cosine_similarity(t.unsqueeze(1), t.unsqueeze(0), dim=-1)
+    cos_w = torch.nn.functional.cosine_similarity(w.unsqueeze(1), w.unsqueeze(0), dim=-1)
+    off = ~torch.eye(5, dtype=torch.bool)
+    assert (cos_w[off] - cos_t[off]).abs().max() < 0.2  # JL projection keeps the semantic geometry
+    assert torch.corrcoef(torch.stack([cos_w[off], cos_t[off]]))[0, 1] > 0.7
+
+
+def test_model_experts_initialised_from_text(model) -> None:
+    cats = text.minilm_embed(text.category_texts())
+    assert torch.allclose(model.semantic.w_ELI.detach(), project_text_to_weights(cats, 32), atol=1e-6)
+    persona = text.minilm_embed(text.persona_texts(4))
+    for moe in model.moe_layers():
+        assert torch.allclose(moe.router.persona_EP, persona)
+
+
+def test_threshold_routing_model(debug_cfg: Config) -> None:
+    m_cfg = dataclasses.replace(
+        debug_cfg.model,
+        personal_moe=dataclasses.replace(debug_cfg.model.personal_moe, routing="threshold", tau=0.6, k_max=3),
+    )
+    m = build_model(m_cfg, DataInfo(torch.randn(L, 2), 1000.0))
+    _, aux = m(random_batch(L=L))
+    assert aux.personal[0].ids_TK.shape[1] == 3
+
+
+def test_backbone_from_local_checkpoint(tmp_path, debug_cfg: Config) -> None:
+    """The real loading path: a tiny LlamaForCausalLM saved with save_pretrained, loaded from disk, truncated."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=300,
+        )
+    )
+    lm.save_pretrained(tmp_path / "ckpt")
+    over = [
+        f"model.backbone.path={tmp_path / 'ckpt'}",
+        "model.backbone.num_layers=3",
+        "model.personal_moe.start_layer=1",
+        "model.personal_moe.every=2",
+    ]
+    cfg = load_config("configs/debug.yaml", over)
+    m = build_model(cfg.model, DataInfo(torch.randn(L, 2), 1000.0))
+    assert len(m.decoder.layers) == 3 and m.decoder.config.hidden_size == 48
+    assert isinstance(m.decoder.layers[1].mlp, PersonalMoE) and not isinstance(
+        m.decoder.layers[2].mlp, PersonalMoE
+    )
+    ref = lm.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(m.decoder.layers[0].self_attn.q_proj.weight, ref)  # weights really come from disk
+    base = m.decoder.layers[1].mlp.experts.base.up_proj.weight
+    assert torch.equal(base, lm.model.layers[1].mlp.up_proj.weight)
+    pred, _ = m(random_batch(L=L))
+    assert torch.isfinite(pred.xy).all()
+    missing = load_config("configs/debug.yaml", [f"model.backbone.path={tmp_path / 'nope'}"])
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        build_model(missing.model, DataInfo(torch.randn(L, 2), 1000.0))
+
+
+def test_debug_step_is_fast(model, debug_cfg: Config) -> None:
+    import time
+
+    b = random_batch(B=32, H=40, L=L)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    times = []
+    for _ in range(4):
+        t = time.perf_counter()
+        pred, aux = model(b)
+        compute_loss(pred, aux, b, debug_cfg.loss, 1000.0).total.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t)
+    assert min(times) < 1.0, times  # "a training step on CPU in well under a second"
