@@ -112,7 +112,7 @@ def test_threshold_routing_model(debug_cfg: Config) -> None:
 
 
 def test_backbone_from_local_checkpoint(tmp_path, debug_cfg: Config) -> None:
-    """The real loading path: a tiny LlamaForCausalLM saved with save_pretrained, loaded from disk, truncated."""
+    """The real loading path: a tiny LlamaForCausalLM saved with save_pretrained, loaded, truncated."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
