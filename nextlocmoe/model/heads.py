@@ -21,10 +21,21 @@ class PointHeads(nn.Module):
         return self.xy(h_BD), torch.relu(self.dur(h_BD)).squeeze(-1)
 
 
-class ScoredHead(nn.Module):
-    """s(l) = <W h, e_l> - beta * ||pred - xy_l|| over every known location l (normalised units).
+def visit_counts(loc_BN: torch.Tensor, num_locations: int) -> torch.Tensor:
+    """[B, N] location ids (-1 = padding) -> [B, L] visit counts (scatter-add: static shapes, exportable)."""
+    valid = (loc_BN >= 0).float()
+    counts = torch.zeros(loc_BN.shape[0], num_locations, dtype=torch.float32, device=loc_BN.device)
+    return counts.scatter_add(1, loc_BN.clamp_min(0), valid)
 
-    ``loc_xy_L2`` (normalised coordinates of the location table) is a buffer; ``e_l`` a learned embedding.
+
+class ScoredHead(nn.Module):
+    """Candidate scoring over every known location l (normalised units):
+
+        s(l) = <W h, e_l> - beta * ||pred - xy_l|| + a_h log(1 + n_hist(l)) + a_c log(1 + n_cur(l))
+
+    ``loc_xy_L2`` (normalised coordinates of the location table) is a buffer; ``e_l`` a learned embedding;
+    n_hist / n_cur count the location in the sample's own history / current window (the user's history as
+    a candidate set, MODEL.md "ranking heads"); beta, a_h, a_c are learned scalars.
     """
 
     def __init__(self, d_model: int, loc_xy_L2: torch.Tensor, d_emb: int) -> None:
@@ -33,11 +44,22 @@ class ScoredHead(nn.Module):
         self.loc_emb = nn.Embedding(loc_xy_L2.shape[0], d_emb)
         nn.init.normal_(self.loc_emb.weight, std=0.02)
         self.query = nn.Linear(d_model, d_emb, bias=False)
-        self.log_beta = nn.Parameter(torch.zeros(()))
+        self.log_beta = nn.Parameter(torch.zeros(1))  # shape [1]: DeepSpeed cannot flatten 0-dim params
+        self.a_hist = nn.Parameter(torch.ones(1))
+        self.a_cur = nn.Parameter(torch.ones(1))
 
-    def forward(self, h_BD: torch.Tensor, pred_xy_B2: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        h_BD: torch.Tensor,
+        pred_xy_B2: torch.Tensor,
+        hist_loc_BH: torch.Tensor,
+        cur_loc_BC: torch.Tensor,
+    ) -> torch.Tensor:
         """-> scores [B, L] (fp32)."""
+        L = self.loc_xy_L2.shape[0]
         q_BM = self.query(h_BD).float()
         diff_BL2 = pred_xy_B2.float().unsqueeze(1) - self.loc_xy_L2.unsqueeze(0)
         dist_BL = torch.sqrt((diff_BL2 * diff_BL2).sum(-1) + 1e-12)
-        return q_BM @ self.loc_emb.weight.float().t() - torch.exp(self.log_beta) * dist_BL
+        s = q_BM @ self.loc_emb.weight.float().t() - torch.exp(self.log_beta) * dist_BL
+        s = s + self.a_hist * torch.log1p(visit_counts(hist_loc_BH, L))
+        return s + self.a_cur * torch.log1p(visit_counts(cur_loc_BC, L))

@@ -27,7 +27,7 @@ from nextlocmoe.model.semantic_moe import SemanticMoE
 
 MODEL_INPUTS = (
     "hist_xy", "hist_weekday", "hist_hour", "hist_dur", "hist_mask",
-    "cur_xy", "cur_weekday", "cur_hour", "cur_dur",
+    "cur_xy", "cur_weekday", "cur_hour", "cur_dur", "hist_loc", "cur_loc",
 )  # fmt: skip
 
 
@@ -130,7 +130,9 @@ class NextLocMoE(nn.Module):
         hidden = self.decoder(inputs_embeds=x_BSD, attention_mask=mask_BS).last_hidden_state
         h_last = hidden[:, -1]
         xy, dur = self.heads(h_last)
-        scores = self.scored(h_last, xy) if self.scored is not None else None
+        scores = None
+        if self.scored is not None:
+            scores = self.scored(h_last, xy, batch["hist_loc"], batch["cur_loc"])
         assert len(sink) == len(self.moe_layers()) and H + C + Pn == x_BSD.shape[1]
         return Predictions(xy, dur, scores), ModelAux(sem_aux, sink)
 

@@ -29,9 +29,12 @@ def random_batch(B: int = 4, H: int = 12, C: int = 5, L: int = 50, seed: int = 0
         "cur_weekday": torch.randint(0, 7, (B, C), generator=g),
         "cur_hour": torch.randint(0, 24, (B, C), generator=g),
         "cur_dur": torch.rand(B, C, generator=g),
+        "hist_loc": torch.randint(0, L, (B, H), generator=g),
+        "cur_loc": torch.randint(0, L, (B, C), generator=g),
         "target_xy": torch.randn(B, 2, generator=g),
         "target_dur": torch.rand(B, generator=g),
         "target_loc": torch.randint(0, L, (B,), generator=g),
     }
     b["hist_mask"][0, : H // 2] = False  # a left-padded sample
+    b["hist_loc"][0, : H // 2] = -1
     return b

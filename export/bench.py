@@ -1,0 +1,67 @@
+"""Entry: ``python export/bench.py --engines ENGINE_DIR [--backends torch,compile,aoti,onnxruntime,tensorrt]
+--batch-sizes 1,8,64 --out bench.json [--plot bench.png]`` (docs/CONTRACT.md "bench").
+Parse -> ``export.timing.run_bench`` -> table, JSON, plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: this folder would shadow the ``export`` package
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+DEFAULT_BACKENDS = "torch,onnxruntime,tensorrt"
+ALL_BACKENDS = ("torch", "compile", "aoti", "onnxruntime", "tensorrt")
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        v = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {s!r}") from None
+    if not v or min(v) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {s!r}")
+    return v
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="Benchmark an exported NextLocMoE on several backends.")
+    ap.add_argument("--engines", required=True, help="engine folder written by export/export.py")
+    ap.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"comma list of {','.join(ALL_BACKENDS)}")
+    ap.add_argument("--batch-sizes", type=_ints, default=[1, 8, 64])
+    ap.add_argument("--out", required=True, help="bench.json to write")
+    ap.add_argument("--plot", default=None, help="PNG: latency vs batch per backend")
+    ap.add_argument("--warmup-s", type=float, default=1.0, help="warm-up seconds per cell")
+    ap.add_argument("--budget-s", type=float, default=3.0, help="timed seconds per (backend, batch) cell")
+    args = ap.parse_args(argv)
+    args.backend_list = [b.strip() for b in args.backends.split(",") if b.strip()]
+    bad = [b for b in args.backend_list if b not in ALL_BACKENDS]
+    if bad:
+        ap.error(f"unknown backend(s) {bad}; choose from {','.join(ALL_BACKENDS)}")
+    if not (Path(args.engines) / "frozen.json").is_file():
+        ap.error(f"{args.engines}: not an engine folder (no frozen.json; run export/export.py first)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from export.timing import format_table, plot, run_bench
+
+    result = run_bench(args.engines, args.backend_list, args.batch_sizes, args.warmup_s, args.budget_s)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(format_table(result))
+    if args.plot:
+        plot(result, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

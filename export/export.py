@@ -1,0 +1,55 @@
+"""Entry: ``python export/export.py --run RUN_DIR --out ENGINE_DIR [--format onnx,tensorrt]
+[--precision fp32|fp16|bf16]`` (docs/CONTRACT.md "export"). Parse -> ``export.pipeline.run_export``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: this folder would shadow the ``export`` package
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+FORMATS = ("onnx", "tensorrt")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="Freeze a trained NextLocMoE run and export it (ONNX, TensorRT).")
+    ap.add_argument("--run", required=True, help="training run folder (config.yaml + checkpoints/)")
+    ap.add_argument("--out", required=True, help="engine folder to write")
+    ap.add_argument("--format", default="onnx", help="comma list of onnx,tensorrt (onnx is always built)")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="TensorRT precision")
+    ap.add_argument("--n-check", type=int, default=64, help="held-out samples for the parity check")
+    ap.add_argument("--topk", type=int, default=20, help="candidates returned by the engine")
+    ap.add_argument("--expert-compute", default="shared", choices=("shared", "folded"))
+    args = ap.parse_args(argv)
+    args.formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    bad = [f for f in args.formats if f not in FORMATS]
+    if bad:
+        ap.error(f"unknown --format {bad}; choose from {','.join(FORMATS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from export.pipeline import run_export
+
+    try:
+        report = run_export(
+            args.run, args.out, args.formats, args.precision, args.n_check, args.topk, args.expert_compute
+        )
+    except (FileNotFoundError, ValueError) as e:
+        print(f"export: error: {e}", file=sys.stderr)
+        return 2
+    o = report["onnx"]
+    print(f"onnx: max_abs_diff={o['max_abs_diff']:.2e} top10_agreement={o['top10_agreement']:.3f} "
+          f"n_checked={o['n_checked']}  tensorrt: {report['tensorrt'].get('skipped', 'built')}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

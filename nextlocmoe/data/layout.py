@@ -1,0 +1,106 @@
+"""On-disk layout of a prepared data set (schema: docs/DATA.md): writing the store, reading its metadata,
+and the normalisation helpers. Torch-free, so `prepare` and the baselines start fast."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from nextlocmoe.data.parsing import DataError
+from nextlocmoe.data.windows import SPLITS, Prepared
+
+RECORD_COLUMNS = ("user", "loc", "t_min", "x", "y", "weekday", "hour", "dur_min", "split", "pos")
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def compute_stats(records: dict[str, np.ndarray]) -> dict[str, float]:
+    """Normalisation from TRAIN records only: isotropic xy mean/std (metres), log1p-duration min/max."""
+    train = records["split"] == 0
+    xy = np.stack([records["x"][train], records["y"][train]], axis=1)
+    xy = xy[np.isfinite(xy).all(axis=1)]
+    if len(xy):
+        mean = xy.mean(axis=0)
+        std = float(np.sqrt(((xy - mean) ** 2).sum(axis=1).mean() / 2.0)) or 1.0
+    else:
+        mean, std = np.zeros(2), 1.0
+    ld = np.log1p(records["dur_min"][train].astype(np.float64))
+    lo, hi = (float(ld.min()), float(ld.max())) if len(ld) else (0.0, 1.0)
+    return {
+        "x_mean": float(mean[0]),
+        "y_mean": float(mean[1]),
+        "xy_std": std,
+        "dur_log1p_min": lo,
+        "dur_log1p_max": hi if hi > lo else lo + 1.0,
+        "source": "train split records",
+    }
+
+
+def write_store(prep: Prepared, out: Path, manifest: dict) -> dict:
+    """Write records/*.npy, samples_*.npy, locations.npz, users.npy, stats.json, manifest.json (last)."""
+    out = Path(out)
+    (out / "records").mkdir(parents=True, exist_ok=True)
+    for name in RECORD_COLUMNS:
+        np.save(out / "records" / f"{name}.npy", np.ascontiguousarray(prep.records[name]))
+    for split in SPLITS:
+        np.save(out / f"samples_{split}.npy", prep.samples[split])
+    np.savez(out / "locations.npz", **prep.locations)
+    np.save(out / "users.npy", prep.user_ids)
+    stats = compute_stats(prep.records)
+    write_json(out / "stats.json", stats)
+    write_json(out / "manifest.json", manifest)
+    return stats
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"{path}: not found (is {path.parent} a `nextlocmoe prepare` output?)")
+    return json.loads(path.read_text())
+
+
+def load_manifest(data_dir: str | Path) -> dict:
+    return _read_json(Path(data_dir) / "manifest.json")
+
+
+def load_stats(data_dir: str | Path) -> dict[str, float]:
+    """stats.json: x_mean, y_mean, xy_std (metres), dur_log1p_min, dur_log1p_max."""
+    return _read_json(Path(data_dir) / "stats.json")
+
+
+def load_locations(data_dir: str | Path) -> dict[str, np.ndarray]:
+    """Location table: id [L] original ids, xy [L,2] metres (NaN without coordinates), lat, lon [L],
+    category [L] str, count [L] records per location."""
+    path = Path(data_dir) / "locations.npz"
+    if not path.is_file():
+        raise DataError(f"{path}: not found (is {data_dir} a `nextlocmoe prepare` output?)")
+    with np.load(path, allow_pickle=False) as z:
+        t = {k: z[k] for k in z.files}
+    t["xy"] = np.stack([t["x"], t["y"]], axis=1)
+    return t
+
+
+def normalise_xy(xy_m: np.ndarray, stats: dict) -> np.ndarray:
+    """[..., 2] metres -> normalised (xy - mean) / xy_std."""
+    return (xy_m - np.array([stats["x_mean"], stats["y_mean"]])) / stats["xy_std"]
+
+
+def denormalise_xy(xy, stats: dict):
+    """[..., 2] normalised -> Web-Mercator metres (numpy in -> float64 numpy; torch tensor in -> float64
+    tensor on the same device)."""
+    if hasattr(xy, "new_tensor"):  # torch.Tensor, without importing torch here
+        mean = xy.new_tensor([stats["x_mean"], stats["y_mean"]]).double()
+        return xy.double() * stats["xy_std"] + mean
+    return np.asarray(xy, dtype=np.float64) * stats["xy_std"] + np.array([stats["x_mean"], stats["y_mean"]])
+
+
+def normalise_dur(dur_min: np.ndarray, stats: dict) -> np.ndarray:
+    """Minutes -> log1p min-max normalised, clipped to [0, 1], float32."""
+    lo, hi = stats["dur_log1p_min"], stats["dur_log1p_max"]
+    return np.clip((np.log1p(dur_min.astype(np.float64)) - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)

@@ -1,0 +1,203 @@
+"""Low-level readers and vectorised parsers for CSV and .npy sources.
+
+Every parser returns values plus a boolean ``ok`` mask so callers can count bad rows under a named drop reason
+instead of failing. Structural problems (unreadable file, missing header column, wrong .npy shape) raise
+`DataError` with the file (and line / field where it applies).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+WEEKDAY_NAMES = {
+    name: i
+    for i, names in enumerate(
+        [("monday", "mon"), ("tuesday", "tue"), ("wednesday", "wed"), ("thursday", "thu"), ("friday", "fri")]
+        + [("saturday", "sat"), ("sunday", "sun")]
+    )
+    for name in names
+}
+EPOCH = datetime(1970, 1, 1)
+
+
+class DataError(ValueError):
+    """Bad input data or arguments; the CLI prints the message as a one-line reason and exits non-zero."""
+
+
+@dataclass
+class CsvColumns:
+    """Columns of a CSV file as string arrays (well-formed rows only).
+
+    cols: name -> [R] str array for each requested column present in the header.
+    lines: [R] int64 1-based line numbers of those rows in the file.
+    n_rows: data rows seen (blank lines are not rows), n_malformed: rows with the wrong column count.
+    """
+
+    path: Path
+    header: list[str]
+    cols: dict[str, np.ndarray]
+    lines: np.ndarray
+    n_rows: int
+    n_malformed: int
+    malformed_lines: list[int] = field(default_factory=list)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_csv_columns(path: Path, required: list[str], optional: list[str] = ()) -> CsvColumns:
+    """Read `required` (+ present `optional`) columns of a headed CSV; rows with a wrong column count are
+    counted as malformed (e.g. a truncated last line) and skipped.
+
+    Raises DataError when the file cannot be read or the header lacks a required column.
+    """
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path}: empty file, expected a header line")
+            header = [h.strip() for h in header]
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise DataError(f"{path}: line 1: header lacks required column(s) {missing}; has {header}")
+            wanted = [c for c in list(required) + list(optional) if c in header]
+            idx = [header.index(c) for c in wanted]
+            width = len(header)
+            rows: list[list[str]] = []
+            lines: list[int] = []
+            bad: list[int] = []
+            n_rows = 0
+            for row in reader:
+                if not row:
+                    continue
+                n_rows += 1
+                if len(row) != width:
+                    bad.append(reader.line_num)
+                    continue
+                rows.append([row[i] for i in idx])
+                lines.append(reader.line_num)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read CSV ({e})") from e
+    if bad:
+        log.warning(
+            "%s: %d row(s) with a wrong column count (first at line %d): dropped", path, len(bad), bad[0]
+        )
+    table = np.array(rows, dtype=str).reshape(len(rows), len(wanted))
+    cols = {c: table[:, j] for j, c in enumerate(wanted)}
+    return CsvColumns(path, header, cols, np.asarray(lines, dtype=np.int64), n_rows, len(bad), bad[:20])
+
+
+def load_npy(path: Path, ncols: int, kinds: str, what: str) -> np.ndarray:
+    """Load a 2-D .npy array [R, ncols] with dtype kind in `kinds` ('iu', 'f', ...); DataError otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found ({what})")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: cannot read .npy ({e})") from e
+    if arr.ndim != 2 or arr.shape[1] != ncols:
+        raise DataError(f"{path}: expected a 2-D array [rows, {ncols}] ({what}), got shape {arr.shape}")
+    if arr.dtype.kind not in kinds:
+        raise DataError(f"{path}: expected dtype kind in {kinds!r} ({what}), got {arr.dtype}")
+    return arr
+
+
+def parse_float(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[R] str -> ([R] float64, [R] bool ok); garbled, empty or non-finite values are not ok (NaN)."""
+    try:
+        out = values.astype(np.float64)
+    except ValueError:
+        out = np.empty(len(values), dtype=np.float64)
+        for i, v in enumerate(values):
+            try:
+                out[i] = float(v)
+            except ValueError:
+                out[i] = np.nan
+    return out, np.isfinite(out)
+
+
+def parse_int(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[R] str -> ([R] int64, [R] bool ok); accepts '12' and '12.0', rejects '12.5', garbage, empty."""
+    f, ok = parse_float(values)
+    ok &= np.floor(f) == f
+    out = np.where(ok, f, 0).astype(np.int64)
+    return out, ok
+
+
+def _iso_minutes(v: str) -> float:
+    """One ISO-8601 timestamp -> minutes since 1970-01-01 (aware -> UTC, naive -> as written)."""
+    s = v.strip()
+    if s.endswith(("Z", "z")):
+        s = s[:-1] + "+00:00"
+    dt = datetime.fromisoformat(s)
+    if dt.tzinfo is not None:
+        dt = dt.astimezone(timezone.utc).replace(tzinfo=None)
+    return (dt - EPOCH).total_seconds() / 60.0
+
+
+def parse_time_minutes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[R] str (unix seconds or ISO-8601) -> ([R] float64 minutes since 1970-01-01, [R] bool ok)."""
+    secs, ok = parse_float(values)
+    out = secs / 60.0
+    for i in np.flatnonzero(~ok):
+        try:
+            out[i] = _iso_minutes(str(values[i]))
+            ok[i] = True
+        except ValueError:
+            out[i] = np.nan
+    return out, ok
+
+
+def parse_weekday(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[R] str weekday names ('Monday', 'mon') or integers 0..6 (0 = Monday) -> ([R] int64, [R] bool ok)."""
+    low = np.char.lower(np.char.strip(values.astype(str)))
+    uniq, inv = np.unique(low, return_inverse=True)
+    table = np.full(len(uniq), -1, dtype=np.int64)
+    for j, u in enumerate(uniq):
+        if u in WEEKDAY_NAMES:
+            table[j] = WEEKDAY_NAMES[u]
+        elif u.isdigit() and int(u) < 7:
+            table[j] = int(u)
+    out = table[inv.reshape(-1)]
+    return out, out >= 0
+
+
+def local_weekday_hour(utc_min: np.ndarray, tz: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Minutes since 1970-01-01 UTC [R] -> (weekday [R] int8, 0 = Monday; hour [R] int8) in time zone `tz`
+    (IANA name, DST-aware via zoneinfo; None = the minutes already are the wall clock)."""
+    utc_min = np.asarray(utc_min, dtype=np.int64)
+    local = utc_min
+    if tz:
+        try:
+            from zoneinfo import ZoneInfo
+
+            zone = ZoneInfo(tz)
+        except Exception as e:  # noqa: BLE001 - zoneinfo raises several types for bad names / no tzdata
+            raise DataError(f"unknown time zone {tz!r} ({e})") from e
+        hours, inv = np.unique(utc_min // 60, return_inverse=True)
+        off_min = np.array(
+            [datetime.fromtimestamp(int(h) * 3600, zone).utcoffset().total_seconds() // 60 for h in hours],
+            dtype=np.int64,
+        )
+        local = utc_min + off_min[inv.reshape(-1)]
+    weekday = ((local // 1440) + 3) % 7  # 1970-01-01 was a Thursday
+    hour = (local % 1440) // 60
+    return weekday.astype(np.int8), hour.astype(np.int8)

@@ -1,0 +1,133 @@
+"""`nextlocmoe prepare`: read a source, build windows and splits, write the store and manifest.json."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nextlocmoe.data.csvsource import CsvSpec, read_csv_source
+from nextlocmoe.data.layout import write_json, write_store
+from nextlocmoe.data.parsing import DataError, load_npy
+from nextlocmoe.data.recovery import register_affine
+from nextlocmoe.data.sources import RecordTable, read_fsq_nyc, read_llmmob
+from nextlocmoe.data.windows import build
+
+log = logging.getLogger(__name__)
+DATASETS = ("fsq-nyc", "llmmob-fsq-nyc", "llmmob-geolife", "csv")
+FORMAT_VERSION = 1
+
+
+def read_source(dataset: str, source: Path, csv_spec: CsvSpec | None = None) -> RecordTable:
+    """Dispatch to the reader of `dataset`."""
+    if dataset == "fsq-nyc":
+        return read_fsq_nyc(source)
+    if dataset in ("llmmob-fsq-nyc", "llmmob-geolife"):
+        return read_llmmob(source, dataset)
+    if dataset == "csv":
+        return read_csv_source(source, csv_spec or CsvSpec())
+    raise DataError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+
+
+def recover_llmmob_coordinates(table: RecordTable, reference_poi: Path | None) -> dict:
+    """Try to map llmmob-fsq-nyc's [-1, 1] coordinates to WGS84; updates table in place when accepted."""
+    if reference_poi is None or not Path(reference_poi).is_file():
+        return {"attempted": False, "reason": f"reference venue table not found: {reference_poi}"}
+    ref = load_npy(Path(reference_poi), 3, "f", "rows [venue_id, latitude, longitude]")[:, 1:]
+    norm = np.unique(np.stack([table.lat, table.lon], axis=1), axis=0)
+    fit = register_affine(norm, ref)
+    fit["reference"] = str(reference_poi)
+    if fit["accepted"]:
+        table.lat = table.lat * fit["scale"][0] + fit["offset"][0]
+        table.lon = table.lon * fit["scale"][1] + fit["offset"][1]
+        table.coordinate_units = "degrees"
+    return fit
+
+
+def prepare(
+    dataset: str,
+    source: str | Path,
+    out: str | Path,
+    history: int = 40,
+    current: int = 5,
+    min_history: int = 1,
+    duration_cap_min: float = 1440.0,
+    csv_spec: CsvSpec | None = None,
+    reference_poi: str | Path | None = None,
+) -> dict:
+    """Prepare one data set into `out`; returns the manifest (also written to out/manifest.json)."""
+    if history < 1 or current < 1 or min_history < 0 or duration_cap_min <= 0:
+        raise DataError("need --history >= 1, --current >= 1, --min-history >= 0, --duration-cap-min > 0")
+    if min_history > history:
+        raise DataError(f"--min-history {min_history} exceeds --history {history}")
+    source = Path(source)
+    if not source.exists():
+        raise DataError(f"{source}: source not found")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    table = read_source(dataset, source, csv_spec)
+    timings["read_s"] = time.perf_counter() - t0
+    log.info("read %s: %d of %d rows usable", dataset, len(table), table.input_rows)
+    recovery = None
+    if dataset == "llmmob-fsq-nyc":
+        if reference_poi is None:
+            reference_poi = source.parent / "fsq-nyc" / "NYC_POI.npy"
+        recovery = recover_llmmob_coordinates(table, Path(reference_poi))
+        timings["coordinate_recovery_s"] = time.perf_counter() - t0 - timings["read_s"]
+        log.info("coordinate recovery: %s", recovery)
+    t1 = time.perf_counter()
+    prep = build(table, history, current, min_history, duration_cap_min)
+    timings["windows_s"] = time.perf_counter() - t1
+    manifest = _manifest(table, prep, history, current, min_history, duration_cap_min, recovery)
+    kept, dropped = manifest["kept_rows"], sum(manifest["dropped"].values())
+    if kept + dropped != table.input_rows:
+        raise DataError(f"row accounting broken: kept {kept} + dropped {dropped} != input {table.input_rows}")
+    t2 = time.perf_counter()
+    manifest["timings_s"] = timings
+    write_store(prep, Path(out), manifest)
+    timings["write_s"] = time.perf_counter() - t2
+    timings["total_s"] = time.perf_counter() - t0
+    write_json(Path(out) / "manifest.json", manifest)  # again, with the final timings
+    return manifest
+
+
+def _manifest(
+    table: RecordTable, prep, history: int, current: int, min_history: int, cap: float, recovery: dict | None
+) -> dict:
+    rec = prep.records
+    has_xy = bool(np.isfinite(prep.locations["x"]).any())
+    units = table.coordinate_units if has_xy else "none"
+    m = {
+        "dataset": table.dataset,
+        "source_sha256": table.source_sha256,
+        "users": int(len(prep.user_ids)),
+        "locations": int(len(prep.locations["id"])),
+        "records": int(len(rec["t_min"])),
+        "samples": {k: int(len(v)) for k, v in prep.samples.items()},
+        "dropped": {k: int(v) for k, v in sorted(prep.dropped.items())},
+        "time_origin": table.time_origin,
+        "history": history,
+        "current": current,
+        "format_version": FORMAT_VERSION,
+        "input_rows": int(table.input_rows),
+        "kept_rows": int(len(rec["t_min"])),
+        "min_history": min_history,
+        "duration_cap_min": cap,
+        "has_coordinates": has_xy,
+        "coordinate_units": units,
+        "split_codes": {"train": 0, "valid": 1, "test": 2},
+        "records_per_split": {
+            s: int((rec["split"] == i).sum()) for i, s in enumerate(("train", "valid", "test"))
+        },
+    }
+    if units == "normalised":
+        m["coordinate_note"] = (
+            "x/y are the source's normalised [-1, 1] units, NOT metres; distances are not metres"
+        )
+    if recovery is not None:
+        m["coordinate_recovery"] = recovery
+    m.update(prep.info)
+    m.update(table.extra)
+    return m

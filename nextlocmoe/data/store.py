@@ -1,0 +1,164 @@
+"""Torch side of the sample store: TrajectoryDataset, collate and make_loader (schema: docs/DATA.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from nextlocmoe.data.layout import (  # noqa: F401 - re-exported for callers of the store API
+    RECORD_COLUMNS,
+    compute_stats,
+    denormalise_xy,
+    load_locations,
+    load_manifest,
+    load_stats,
+    normalise_dur,
+    normalise_xy,
+    write_json,
+    write_store,
+)
+from nextlocmoe.data.parsing import DataError
+from nextlocmoe.data.windows import SPLITS
+
+BATCH_KEYS = (
+    "hist_xy",
+    "hist_weekday",
+    "hist_hour",
+    "hist_dur",
+    "hist_mask",
+    "hist_loc",
+    "cur_xy",
+    "cur_weekday",
+    "cur_hour",
+    "cur_dur",
+    "cur_loc",
+    "target_xy",
+    "target_loc",
+    "target_dur",
+    "user",
+    "sample_index",
+)
+
+
+class TrajectoryDataset(Dataset):
+    """Samples of one split. Item i = target record samples_{split}[i]; its current window = the C records
+    right before it, history = up to H records before those (left-padded, masked). Arrays are opened lazily
+    (memory-mapped), so the object is cheap to pickle into DataLoader workers."""
+
+    def __init__(
+        self, data_dir: str | Path, split: str, history: int | None = None, current: int | None = None
+    ):
+        if split not in SPLITS:
+            raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
+        self.data_dir = Path(data_dir)
+        self.manifest = load_manifest(self.data_dir)
+        self.stats = load_stats(self.data_dir)
+        self.split = split
+        self.history = int(self.manifest["history"] if history is None else history)
+        self.current = int(self.manifest["current"] if current is None else current)
+        if self.current > int(self.manifest["current"]) + int(self.manifest.get("min_history", 0)):
+            raise DataError(f"current={self.current} exceeds the window the data was prepared for")
+        self.samples = np.load(self.data_dir / f"samples_{split}.npy", mmap_mode="r")
+        self._cols: dict[str, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cols"] = None
+        state["samples"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.samples = np.load(self.data_dir / f"samples_{self.split}.npy", mmap_mode="r")
+
+    @property
+    def cols(self) -> dict[str, np.ndarray]:
+        if self._cols is None:
+            rec = self.data_dir / "records"
+            self._cols = {n: np.load(rec / f"{n}.npy", mmap_mode="r") for n in RECORD_COLUMNS}
+        return self._cols
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _features(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Features of record indices idx [...] (>= 0): xy [..., 2] normalised (0 without coordinates),
+        weekday, hour [...] int64, dur [...] float32 in [0, 1], loc [...] int64."""
+        c = self.cols
+        xy = normalise_xy(np.stack([c["x"][idx], c["y"][idx]], axis=-1), self.stats)
+        return {
+            "xy": np.nan_to_num(xy, nan=0.0).astype(np.float32),
+            "weekday": c["weekday"][idx].astype(np.int64),
+            "hour": c["hour"][idx].astype(np.int64),
+            "dur": normalise_dur(c["dur_min"][idx], self.stats),
+            "loc": c["loc"][idx].astype(np.int64),
+        }
+
+    def get_batch(self, indices: np.ndarray | list[int]) -> dict[str, np.ndarray]:
+        """Vectorised items for sample indices [B]: the batch dict (BATCH_KEYS) as numpy arrays."""
+        i = np.asarray(indices, dtype=np.int64).reshape(-1)
+        r = np.asarray(self.samples[i], dtype=np.int64)
+        H, C = self.history, self.current
+        first = r - self.cols["pos"][r].astype(np.int64)  # each target's user's first record
+        cur = self._features(r[:, None] - C + np.arange(C)[None, :])
+        h_idx = r[:, None] - C - H + np.arange(H)[None, :]
+        mask = h_idx >= first[:, None]
+        hist = self._features(np.where(mask, h_idx, r[:, None]))
+        out = {}
+        for k, v in hist.items():
+            m = mask[..., None] if v.ndim == 3 else mask
+            out[f"hist_{k}"] = np.where(m, v, np.array(-1 if k == "loc" else 0, dtype=v.dtype))
+        out["hist_mask"] = mask
+        out.update({f"cur_{k}": v for k, v in cur.items()})
+        tgt = self._features(r)
+        out.update(target_xy=tgt["xy"], target_loc=tgt["loc"], target_dur=tgt["dur"])
+        out["user"] = self.cols["user"][r].astype(np.int64)
+        out["sample_index"] = i
+        return {k: out[k] for k in BATCH_KEYS}
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {k: v[0] for k, v in self.get_batch([i]).items()}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, np.ndarray]:
+        """Batched fetch used by DataLoader (torch >= 2.1): one vectorised gather per batch."""
+        return self.get_batch(indices)
+
+
+def collate(items: list[dict[str, np.ndarray]] | dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Items (list of dataset items, or one `get_batch` dict) -> the batch dict of tensors: keys BATCH_KEYS,
+    shapes/dtypes in docs/DATA.md (e.g. hist_xy [B,H,2] float32, hist_mask [B,H] bool)."""
+    if isinstance(items, dict):
+        return {k: torch.from_numpy(np.ascontiguousarray(items[k])) for k in BATCH_KEYS}
+    return {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in BATCH_KEYS}
+
+
+def make_loader(
+    data_dir: str | Path,
+    split: str,
+    batch_size: int,
+    shuffle: bool = False,
+    num_workers: int = 0,
+    seed: int = 0,
+    sampler: Sampler | None = None,
+    drop_last: bool = False,
+) -> DataLoader:
+    """DataLoader over TrajectoryDataset with `collate`; a caller's sampler (e.g. DistributedSampler) wins
+    over `shuffle` (set_epoch on it is the caller's job)."""
+    ds = TrajectoryDataset(data_dir, split)
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        generator=gen,
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+    )

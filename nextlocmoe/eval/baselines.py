@@ -1,0 +1,150 @@
+"""Non-learned baselines on the prepared samples: first-order Markov, user frequency, global popularity.
+
+All three rank every known location with exact ranks (ties by lower location id, see ranking.py) and share
+`ranking_metrics`. Counts never include the target or anything after it, except that the Markov transition
+table and global popularity are fitted on all TRAIN-split records (so train-split scores are in-sample).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+from tqdm import tqdm
+
+from nextlocmoe.data.layout import RECORD_COLUMNS, load_locations, load_manifest
+from nextlocmoe.data.parsing import DataError
+from nextlocmoe.eval.metrics import ranking_metrics
+from nextlocmoe.eval.ranking import rank_by_keys, top1_by_keys
+from nextlocmoe.geo import haversine_m
+
+BASELINES = ("markov", "user_frequency", "global_popularity")
+CHUNK_ELEMS = 2_000_000
+
+
+def _ranges(starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate [starts_i, starts_i + lens_i) -> (flat indices [T], owner row [T])."""
+    lens = np.maximum(lens, 0)
+    owner = np.repeat(np.arange(len(starts)), lens)
+    offs = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+    return np.repeat(starts, lens) + offs, owner
+
+
+class BaselineModel:
+    """Counts fitted on the TRAIN split of a prepared store, scored for target record indices."""
+
+    def __init__(self, rec: dict[str, np.ndarray], n_loc: int, window: int):
+        self.rec, self.n_loc, self.window = rec, n_loc, window
+        loc, user, train = rec["loc"].astype(np.int64), rec["user"], rec["split"] == 0
+        self.train_idx = np.flatnonzero(train)
+        self.popularity = np.bincount(loc[train], minlength=n_loc).astype(np.float64)
+        step = np.flatnonzero((user[1:] == user[:-1]) & train[1:])  # transition step -> step + 1
+        ones = np.ones(len(step))
+        self.transitions = sp.csr_matrix((ones, (loc[step], loc[step + 1])), shape=(n_loc, n_loc))
+
+    def user_counts(self, r: np.ndarray) -> np.ndarray:
+        """[n, L] counts over each target's earlier train-split records of its user plus its input window."""
+        rec, n_loc = self.rec, self.n_loc
+        first = r - rec["pos"][r]
+        lo = np.searchsorted(self.train_idx, first)
+        hi = np.searchsorted(self.train_idx, r)
+        idx_t, own_t = _ranges(lo, hi - lo)
+        w0 = np.maximum(first, r - self.window)
+        idx_w, own_w = _ranges(w0, r - w0)
+        not_train = rec["split"][idx_w] != 0  # train-split window records are already in the prefix
+        locs = np.r_[rec["loc"][self.train_idx[idx_t]], rec["loc"][idx_w[not_train]]].astype(np.int64)
+        owner = np.r_[own_t, own_w[not_train]]
+        return (
+            np.bincount(owner * n_loc + locs, minlength=len(r) * n_loc).reshape(len(r), n_loc).astype(float)
+        )
+
+    def keys(self, r: np.ndarray) -> dict[str, list[np.ndarray]]:
+        """Lexicographic score keys per baseline, each [n, L]."""
+        markov = self.transitions[self.rec["loc"][r - 1]].toarray()
+        user = self.user_counts(r)
+        pop = np.broadcast_to(self.popularity, user.shape)
+        return {"markov": [markov, user, pop], "user_frequency": [user, pop], "global_popularity": [pop]}
+
+
+def _load_records(data_dir: Path) -> dict[str, np.ndarray]:
+    return {n: np.load(data_dir / "records" / f"{n}.npy") for n in RECORD_COLUMNS}
+
+
+def evaluate_baselines(data_dir: str | Path, split: str, progress: bool = True) -> tuple[dict, dict]:
+    """Ranks and top-1 ids of each baseline on the samples of `split`.
+
+    Returns:
+        ({baseline: {"ranks": [S] int64, "top1": [S] int64}}, {"target": [S] int64 location ids}).
+    """
+    data_dir = Path(data_dir)
+    manifest = load_manifest(data_dir)
+    path = data_dir / f"samples_{split}.npy"
+    if not path.is_file():
+        raise DataError(f"{path}: not found (split {split!r})")
+    samples = np.load(path)
+    rec = _load_records(data_dir)
+    n_loc = int(manifest["locations"])
+    model = BaselineModel(rec, n_loc, int(manifest["history"]) + int(manifest["current"]))
+    target = rec["loc"][samples].astype(np.int64)
+    out = {
+        b: {"ranks": np.empty(len(samples), np.int64), "top1": np.empty(len(samples), np.int64)}
+        for b in BASELINES
+    }
+    step = max(1, CHUNK_ELEMS // max(n_loc, 1))
+    for a in tqdm(
+        range(0, len(samples), step), desc=f"baselines {split}", disable=not progress, unit="chunk"
+    ):
+        r = samples[a : a + step]
+        for name, keys in model.keys(r).items():
+            out[name]["ranks"][a : a + step] = rank_by_keys(keys, target[a : a + step])
+            out[name]["top1"][a : a + step] = top1_by_keys(keys)
+    return out, {"target": target}
+
+
+def distance_errors(
+    data_dir: str | Path, pred_loc: np.ndarray, true_loc: np.ndarray
+) -> tuple[np.ndarray | None, str]:
+    """Distance [S] between predicted and true locations: great-circle metres when the store has WGS84
+    coordinates, Euclidean source units when they are normalised, None without coordinates."""
+    manifest = load_manifest(data_dir)
+    locs = load_locations(data_dir)
+    units = manifest.get("coordinate_units", "degrees")
+    if not manifest.get("has_coordinates", False) or units == "none":
+        return None, "none"
+    if units == "normalised":
+        return np.linalg.norm(locs["xy"][pred_loc] - locs["xy"][true_loc], axis=1), "normalised"
+    d = haversine_m(
+        locs["lat"][pred_loc], locs["lon"][pred_loc], locs["lat"][true_loc], locs["lon"][true_loc]
+    )
+    return d, "metres"
+
+
+def baseline_report(data_dir: str | Path, split: str = "test", progress: bool = True) -> dict:
+    """{split, n, dataset, ..., baselines: {markov: metrics, user_frequency: ..., global_popularity: ...}}."""
+    t0 = time.perf_counter()
+    res, ref = evaluate_baselines(data_dir, split, progress)
+    manifest = load_manifest(data_dir)
+    report: dict = {
+        "split": split,
+        "n": int(len(ref["target"])),
+        "dataset": manifest.get("dataset"),
+        "data": str(data_dir),
+        "locations": int(manifest["locations"]),
+        "baselines": {},
+    }
+    for name in BASELINES:
+        dist, units = distance_errors(data_dir, res[name]["top1"], ref["target"])
+        m = ranking_metrics(res[name]["ranks"], dist if units == "metres" else None)
+        if units == "normalised":
+            m["mean_distance_normalised"] = float(dist.mean()) if len(dist) else None
+        report["baselines"][name] = m
+    report["distance"] = {
+        "metres": "great-circle metres between the top-1 and the true location",
+        "normalised": "not metres: source normalised units, see mean_distance_normalised",
+        "none": "no coordinates in this data set: mean_distance_m is null",
+    }[units]
+    report["ties"] = "equal scores ranked by lower location id"
+    report["seconds"] = time.perf_counter() - t0
+    return report

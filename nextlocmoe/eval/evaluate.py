@@ -1,0 +1,102 @@
+"""Model evaluation on one split, with the same metrics code and the same samples as the baselines.
+
+Rankings (MODEL.md): ``point`` ranks every known location by distance to the predicted point (exact rank,
+KD-tree top-k); ``scored`` ranks by the candidate-scoring head. Distance errors are great-circle metres:
+the predicted Web-Mercator point is mapped back to WGS84 for ``point``; the top-1 location for ``scored``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nextlocmoe.data.store import (
+    TrajectoryDataset,
+    collate,
+    denormalise_xy,
+    load_locations,
+    load_manifest,
+    load_stats,
+)
+from nextlocmoe.eval.baselines import baseline_report
+from nextlocmoe.eval.metrics import ranking_metrics
+from nextlocmoe.eval.ranking import rank_by_point
+from nextlocmoe.geo import haversine_m, mercator_to_latlon
+
+
+def score_ranks(scores_BL: torch.Tensor, target_B: torch.Tensor) -> torch.Tensor:
+    """Exact 1-based rank of each target by score (ties: lower location id first)."""
+    s_t = scores_BL.gather(1, target_B.unsqueeze(1))
+    ids = torch.arange(scores_BL.shape[1], device=scores_BL.device).unsqueeze(0)
+    better = (scores_BL > s_t) | ((scores_BL == s_t) & (ids < target_B.unsqueeze(1)))
+    return 1 + better.sum(1)
+
+
+@torch.no_grad()
+def predict_split(
+    model: torch.nn.Module, data_dir: str | Path, split: str, batch_size: int, max_samples: int = 0
+) -> dict[str, np.ndarray]:
+    """Run the model over a split: pred_xy (normalised) [N,2], target_loc [N], scored ranks / top-1 [N]."""
+    ds = TrajectoryDataset(data_dir, split)
+    n = len(ds) if not max_samples else min(max_samples, len(ds))
+    out: dict[str, list] = {"pred_xy": [], "target_loc": [], "scored_rank": [], "scored_top1": []}
+    model.eval()
+    for a in tqdm(range(0, n, batch_size), desc=f"evaluate {split}", leave=False, mininterval=5):
+        batch = collate(ds.get_batch(np.arange(a, min(n, a + batch_size))))
+        pred, _ = model(batch)
+        out["pred_xy"].append(pred.xy.float().numpy())
+        out["target_loc"].append(batch["target_loc"].numpy())
+        if pred.scores is not None:
+            out["scored_rank"].append(score_ranks(pred.scores, batch["target_loc"]).numpy())
+            out["scored_top1"].append(pred.scores.argmax(1).numpy())
+    return {k: np.concatenate(v) for k, v in out.items() if v}
+
+
+def _point_metrics(res: dict, data_dir: str | Path) -> dict:
+    stats, locs = load_stats(data_dir), load_locations(data_dir)
+    pred_m = denormalise_xy(res["pred_xy"], stats)
+    ranks, _ = rank_by_point(pred_m, locs["xy"], res["target_loc"])
+    lat, lon = mercator_to_latlon(pred_m[:, 0], pred_m[:, 1])
+    t = res["target_loc"]
+    return ranking_metrics(ranks, haversine_m(lat, lon, locs["lat"][t], locs["lon"][t]))
+
+
+def _scored_metrics(res: dict, data_dir: str | Path) -> dict:
+    locs, t, top1 = load_locations(data_dir), res["target_loc"], res["scored_top1"]
+    dist = haversine_m(locs["lat"][top1], locs["lon"][top1], locs["lat"][t], locs["lon"][t])
+    return ranking_metrics(res["scored_rank"], dist)
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    data_dir: str | Path,
+    split: str = "test",
+    batch_size: int = 256,
+    ranking: str = "scored",
+    max_samples: int = 0,
+    with_baselines: bool = True,
+) -> dict:
+    """CONTRACT.md evaluate report: headline metrics of ``ranking``, every ranking under ``rankings``,
+    the baselines on the same samples under ``baselines``."""
+    manifest = load_manifest(data_dir)
+    if manifest.get("coordinate_units", "degrees") != "degrees":
+        raise ValueError(f"{data_dir}: model evaluation needs WGS84 coordinates in the location table")
+    res = predict_split(model, data_dir, split, batch_size, max_samples)
+    rankings = {"point": _point_metrics(res, data_dir)}
+    if "scored_rank" in res:
+        rankings["scored"] = _scored_metrics(res, data_dir)
+    if ranking not in rankings:
+        raise ValueError(f"ranking {ranking!r} not available (model has: {sorted(rankings)})")
+    report = {"split": split, **rankings[ranking], "ranking": ranking, "rankings": rankings,
+              "dataset": manifest.get("dataset"), "data": str(data_dir)}  # fmt: skip
+    if with_baselines:
+        base = baseline_report(data_dir, split, progress=False)
+        if max_samples:
+            report["baselines_note"] = (
+                f"baselines on all {base['n']} samples; model on the first {max_samples}"
+            )
+        report["baselines"] = base["baselines"]
+    return report

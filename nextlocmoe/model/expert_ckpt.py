@@ -1,0 +1,43 @@
+"""DeepSpeed MoE checkpoint (any ep_size) -> single-device state dict, with no deepspeed import.
+
+DeepSpeed writes ``mp_rank_00_model_states.pt`` (dense params under ``module``) and one
+``layer_{L}_expert_{e}_mp_rank_00_model_states.pt`` per global expert (keys with the global expert id).
+Keys of the expert-parallel layer (``train/parallel.py``) map back to ``PersonalMoE`` names here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+_EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
+_LORA_KEY = re.compile(r"^(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)$")
+
+
+def to_local_key(key: str) -> str:
+    """One expert-parallel state-dict key (global expert id) -> the PersonalMoE key; others unchanged."""
+    m = _LORA_KEY.match(key)
+    if m:
+        return f"{m.group(1)}.experts.lora.{m.group(2)}.{m.group(3)}"
+    key = key.replace(".deepspeed_moe.gate.router.", ".router.")
+    return key.replace(".base_ffn.", ".experts.base.")
+
+
+def gather_deepspeed_state(tag_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Merge one DeepSpeed checkpoint folder (any ep_size) into the single-device model's names."""
+    tag_dir = Path(tag_dir)
+    main_path = tag_dir / "mp_rank_00_model_states.pt"
+    if not main_path.is_file():
+        raise FileNotFoundError(f"no DeepSpeed model states at {main_path}")
+    main = torch.load(main_path, map_location="cpu", weights_only=False)
+    state = dict(main["module"])
+    for path in sorted(tag_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+        if _EXPERT_FILE.search(path.name):
+            state.update(torch.load(path, map_location="cpu", weights_only=False))
+    out = {to_local_key(k): v for k, v in state.items()}
+    leftover = [k for k in out if "deepspeed_moe" in k]
+    if leftover:
+        raise ValueError(f"unmapped DeepSpeed MoE keys in {tag_dir}: {leftover[:5]}")
+    return out

@@ -1,0 +1,59 @@
+"""Train NextLocMoE with DeepSpeed (ZeRO + DeepSpeed-MoE expert parallelism).
+
+    deepspeed --num_gpus 2 train/train.py --config configs/debug.yaml --deepspeed ds_configs/zero2.json \\
+        train.ep_size=2 data.dir=demo-out/data
+    torchrun --nproc_per_node 2 train/train.py --config ... --deepspeed ...      (CPU: gloo)
+    torchrun --nnodes 2 --node_rank R --master_addr HOST --master_port P --nproc_per_node G train/train.py ...
+
+Thin entry: parse -> set up the process group -> train (train/loop.py) -> evaluate on rank 0 -> close.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `train.*` importable when run as a script
+
+from train.launch import init_process_group, shutdown  # noqa: E402
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="run config YAML (configs/debug.yaml, ...)")
+    p.add_argument("--deepspeed", required=True, help="DeepSpeed strategy JSON (ds_configs/*.json)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--no-eval", action="store_true", help="skip the final evaluation (eval.json)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    from nextlocmoe.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"train: {e}", file=sys.stderr)
+        return 2
+    d = init_process_group(cfg)
+    try:
+        from train.loop import train_run
+
+        run_dir = train_run(cfg, args.deepspeed, d, resume=args.resume)
+        if d.is_main and not args.no_eval:
+            from train.launch import final_eval
+
+            final_eval(run_dir, cfg)
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
