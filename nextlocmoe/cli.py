@@ -10,7 +10,6 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from nextlocmoe.data.parsing import DataError
@@ -114,11 +113,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=("train", "valid", "test"))
     p.add_argument("--out", type=Path, help="write the JSON report here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--max-samples", type=int, default=0, help="evaluate the model on the first N samples")
+    p.add_argument("--ranking", choices=("point", "scored"), help="headline ranking (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=0, help="evaluation batch (default: the run's)")
     p.set_defaults(func=_cmd_evaluate)
-
-
-# Model evaluation plugs in here: a callable (args) -> report dict with the CONTRACT keys + "baselines".
-RUN_EVALUATOR: Callable[[argparse.Namespace], dict] | None = None
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -129,9 +127,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise DataError("evaluate --baselines-only needs --data DIR")
         report = baseline_report(args.data, args.split, progress=not args.quiet)
     else:
-        if RUN_EVALUATOR is None:
-            raise DataError("model evaluation (--run) is not available yet; use --baselines-only --data DIR")
-        report = RUN_EVALUATOR(args)
+        from nextlocmoe.eval.evaluate import evaluate_run
+
+        report = evaluate_run(
+            args.run, args.data, args.split, args.ranking, args.max_samples, args.batch_size
+        )
     print(format_table(report))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except DataError as e:
+    except (DataError, ValueError, RuntimeError) as e:  # RunError, ConfigError are ValueErrors
         print(f"nextlocmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:

@@ -72,8 +72,10 @@ def _load_records(data_dir: Path) -> dict[str, np.ndarray]:
     return {n: np.load(data_dir / "records" / f"{n}.npy") for n in RECORD_COLUMNS}
 
 
-def evaluate_baselines(data_dir: str | Path, split: str, progress: bool = True) -> tuple[dict, dict]:
-    """Ranks and top-1 ids of each baseline on the samples of `split`.
+def evaluate_baselines(
+    data_dir: str | Path, split: str, progress: bool = True, max_samples: int = 0
+) -> tuple[dict, dict]:
+    """Ranks and top-1 ids of each baseline on the samples of `split` (the first `max_samples` if > 0).
 
     Returns:
         ({baseline: {"ranks": [S] int64, "top1": [S] int64}}, {"target": [S] int64 location ids}).
@@ -84,6 +86,8 @@ def evaluate_baselines(data_dir: str | Path, split: str, progress: bool = True) 
     if not path.is_file():
         raise DataError(f"{path}: not found (split {split!r})")
     samples = np.load(path)
+    if max_samples:
+        samples = samples[:max_samples]
     rec = _load_records(data_dir)
     n_loc = int(manifest["locations"])
     model = BaselineModel(rec, n_loc, int(manifest["history"]) + int(manifest["current"]))
@@ -121,10 +125,13 @@ def distance_errors(
     return d, "metres"
 
 
-def baseline_report(data_dir: str | Path, split: str = "test", progress: bool = True) -> dict:
-    """{split, n, dataset, ..., baselines: {markov: metrics, user_frequency: ..., global_popularity: ...}}."""
+def baseline_report(
+    data_dir: str | Path, split: str = "test", progress: bool = True, max_samples: int = 0
+) -> dict:
+    """{split, n, dataset, ..., baselines: {markov: metrics, user_frequency: ..., global_popularity: ...}}
+    on the split's samples (the first `max_samples` if > 0, the same ones a model evaluation uses)."""
     t0 = time.perf_counter()
-    res, ref = evaluate_baselines(data_dir, split, progress)
+    res, ref = evaluate_baselines(data_dir, split, progress, max_samples)
     manifest = load_manifest(data_dir)
     report: dict = {
         "split": split,

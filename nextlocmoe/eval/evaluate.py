@@ -100,3 +100,25 @@ def evaluate_model(
             )
         report["baselines"] = base["baselines"]
     return report
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    data_dir: str | Path | None = None,
+    split: str = "test",
+    ranking: str | None = None,
+    max_samples: int = 0,
+    batch_size: int = 0,
+) -> dict:
+    """``nextlocmoe evaluate --run``: load the run's newest complete checkpoint (any ep_size) into the
+    single-device model and evaluate it on ``data_dir`` (default: the run's own data set)."""
+    from nextlocmoe.model.io import load_run
+
+    cfg, model, _ = load_run(run_dir, data_dir)
+    data = data_dir or cfg.data.dir
+    report = evaluate_model(
+        model, data, split, batch_size or cfg.data.eval_batch_size, ranking or cfg.model.heads.ranking,
+        max_samples,
+    )  # fmt: skip
+    report["run"] = str(run_dir)
+    return report

@@ -127,7 +127,11 @@ class NextLocMoE(nn.Module):
         sink: list[RoutingAux] = []
         for moe in self.moe_layers():
             moe.bind(h_BR, sink)
-        hidden = self.decoder(inputs_embeds=x_BSD, attention_mask=mask_BS).last_hidden_state
+        try:
+            hidden = self.decoder(inputs_embeds=x_BSD, attention_mask=mask_BS).last_hidden_state
+        finally:  # drop the per-forward bindings so the sink's graph is not kept alive by the layers
+            for moe in self.moe_layers():
+                moe.bind(None, None)
         h_last = hidden[:, -1]
         xy, dur = self.heads(h_last)
         scores = None

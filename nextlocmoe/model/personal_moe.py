@@ -51,8 +51,9 @@ class PersonalMoE(nn.Module):
         self._ctx_BC: torch.Tensor | None = None
         self._sink: list[RoutingAux] | None = None
 
-    def bind(self, ctx_BC: torch.Tensor, sink: list[RoutingAux]) -> None:
-        """Set this forward's history vectors [B, C] and the list that collects its RoutingAux."""
+    def bind(self, ctx_BC: torch.Tensor | None, sink: list[RoutingAux] | None) -> None:
+        """Set this forward's history vectors [B, C] and the list that collects its RoutingAux
+        (the model unbinds with ``bind(None, None)`` after the decoder ran)."""
         self._ctx_BC, self._sink = ctx_BC, sink
 
     def route(self, x_TD: torch.Tensor, ctx_TC: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -104,8 +104,10 @@ class MLPRouter(nn.Module):
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, num_experts))
 
     def forward(self, ctx_TI: torch.Tensor) -> torch.Tensor:
-        """ctx_TI [T, in_dim] -> probs_TE [T, E] (fp32)."""
-        return torch.softmax(self.net(ctx_TI).float(), dim=-1)
+        """ctx_TI [T, in_dim] -> probs_TE [T, E], computed in fp32 whatever the module's dtype."""
+        with torch.autocast(device_type=ctx_TI.device.type, enabled=False):
+            h = F.gelu(_linear32(self.net[0], ctx_TI))
+            return torch.softmax(_linear32(self.net[2], h), dim=-1)
 
 
 class HistoryAwareRouter(nn.Module):
@@ -130,10 +132,17 @@ class HistoryAwareRouter(nn.Module):
         return int(self.persona_EP.shape[0])
 
     def forward(self, x_TD: torch.Tensor, ctx_TC: torch.Tensor) -> torch.Tensor:
-        """x_TD [T, D] token states, ctx_TC [T, C] history vector per token -> probs_TE [T, E] fp32."""
+        """x_TD [T, D] token states, ctx_TC [T, C] history vector per token -> probs_TE [T, E] fp32.
+        Weights and inputs are used in fp32 even when the module was cast to bf16/fp16."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            tok_TH = self.w_x(x_TD.float()) + self.w_h(ctx_TC.float())
-            per_EH = self.w_p(self.persona_EP)
+            tok_TH = _linear32(self.w_x, x_TD) + _linear32(self.w_h, ctx_TC)
+            per_EH = _linear32(self.w_p, self.persona_EP)
             pre_TEH = F.gelu(tok_TH.unsqueeze(1) + per_EH.unsqueeze(0))
-            logits_TE = self.v(pre_TEH).squeeze(-1)
+            logits_TE = _linear32(self.v, pre_TEH).squeeze(-1)
             return torch.softmax(logits_TE, dim=-1)
+
+
+def _linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear evaluated in fp32 whatever the module's dtype (routers stay fp32: FACTS.md)."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
