@@ -104,3 +104,11 @@ def normalise_dur(dur_min: np.ndarray, stats: dict) -> np.ndarray:
     """Minutes -> log1p min-max normalised, clipped to [0, 1], float32."""
     lo, hi = stats["dur_log1p_min"], stats["dur_log1p_max"]
     return np.clip((np.log1p(dur_min.astype(np.float64)) - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def eval_subset(n: int, max_samples: int = 0) -> np.ndarray:
+    """Sample positions evaluated when a split is capped at ``max_samples``: evenly spaced over the whole
+    split (every user represented, deterministic), the same for the model and the baselines."""
+    if not max_samples or max_samples >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.unique(np.linspace(0, n - 1, max_samples).round().astype(np.int64))

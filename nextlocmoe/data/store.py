@@ -13,6 +13,7 @@ from nextlocmoe.data.layout import (  # noqa: F401 - re-exported for callers of 
     RECORD_COLUMNS,
     compute_stats,
     denormalise_xy,
+    eval_subset,
     load_locations,
     load_manifest,
     load_stats,

@@ -14,7 +14,7 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm import tqdm
 
-from nextlocmoe.data.layout import RECORD_COLUMNS, load_locations, load_manifest
+from nextlocmoe.data.layout import RECORD_COLUMNS, eval_subset, load_locations, load_manifest
 from nextlocmoe.data.parsing import DataError
 from nextlocmoe.eval.metrics import ranking_metrics
 from nextlocmoe.eval.ranking import rank_by_keys, top1_by_keys
@@ -75,7 +75,7 @@ def _load_records(data_dir: Path) -> dict[str, np.ndarray]:
 def evaluate_baselines(
     data_dir: str | Path, split: str, progress: bool = True, max_samples: int = 0
 ) -> tuple[dict, dict]:
-    """Ranks and top-1 ids of each baseline on the samples of `split` (the first `max_samples` if > 0).
+    """Ranks and top-1 ids of each baseline on the samples of `split` (`eval_subset` of them if `max_samples` > 0).
 
     Returns:
         ({baseline: {"ranks": [S] int64, "top1": [S] int64}}, {"target": [S] int64 location ids}).
@@ -86,8 +86,7 @@ def evaluate_baselines(
     if not path.is_file():
         raise DataError(f"{path}: not found (split {split!r})")
     samples = np.load(path)
-    if max_samples:
-        samples = samples[:max_samples]
+    samples = samples[eval_subset(len(samples), max_samples)]
     rec = _load_records(data_dir)
     n_loc = int(manifest["locations"])
     model = BaselineModel(rec, n_loc, int(manifest["history"]) + int(manifest["current"]))
@@ -129,7 +128,7 @@ def baseline_report(
     data_dir: str | Path, split: str = "test", progress: bool = True, max_samples: int = 0
 ) -> dict:
     """{split, n, dataset, ..., baselines: {markov: metrics, user_frequency: ..., global_popularity: ...}}
-    on the split's samples (the first `max_samples` if > 0, the same ones a model evaluation uses)."""
+    on the split's samples (`eval_subset` when `max_samples` > 0, the same ones a model evaluation uses)."""
     t0 = time.perf_counter()
     res, ref = evaluate_baselines(data_dir, split, progress, max_samples)
     manifest = load_manifest(data_dir)

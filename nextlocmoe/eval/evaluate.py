@@ -17,6 +17,7 @@ from nextlocmoe.data.store import (
     TrajectoryDataset,
     collate,
     denormalise_xy,
+    eval_subset,
     load_locations,
     load_manifest,
     load_stats,
@@ -41,11 +42,11 @@ def predict_split(
 ) -> dict[str, np.ndarray]:
     """Run the model over a split: pred_xy (normalised) [N,2], target_loc [N], scored ranks / top-1 [N]."""
     ds = TrajectoryDataset(data_dir, split)
-    n = len(ds) if not max_samples else min(max_samples, len(ds))
+    idx = eval_subset(len(ds), max_samples)
     out: dict[str, list] = {"pred_xy": [], "target_loc": [], "scored_rank": [], "scored_top1": []}
     model.eval()
-    for a in tqdm(range(0, n, batch_size), desc=f"evaluate {split}", leave=False, mininterval=5):
-        batch = collate(ds.get_batch(np.arange(a, min(n, a + batch_size))))
+    for a in tqdm(range(0, len(idx), batch_size), desc=f"evaluate {split}", leave=False, mininterval=5):
+        batch = collate(ds.get_batch(idx[a : a + batch_size]))
         pred, _ = model(batch)
         out["pred_xy"].append(pred.xy.float().numpy())
         out["target_loc"].append(batch["target_loc"].numpy())
@@ -93,11 +94,9 @@ def evaluate_model(
     report = {"split": split, **rankings[ranking], "ranking": ranking, "rankings": rankings,
               "dataset": manifest.get("dataset"), "data": str(data_dir)}  # fmt: skip
     if with_baselines:
-        base = baseline_report(data_dir, split, progress=False)
-        if max_samples:
-            report["baselines_note"] = (
-                f"baselines on all {base['n']} samples; model on the first {max_samples}"
-            )
+        base = baseline_report(data_dir, split, progress=False, max_samples=max_samples)
+        if base["n"] != report["n"]:
+            raise RuntimeError(f"baselines saw {base['n']} samples, the model {report['n']}")
         report["baselines"] = base["baselines"]
     return report
 
