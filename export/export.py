@@ -17,11 +17,15 @@ FORMATS = ("onnx", "tensorrt")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="Freeze a trained NextLocMoE run and export it (ONNX, TensorRT).")
+    ap = argparse.ArgumentParser(
+        description="Freeze a trained NextLocMoE run and export it (ONNX, TensorRT)."
+    )
     ap.add_argument("--run", required=True, help="training run folder (config.yaml + checkpoints/)")
     ap.add_argument("--out", required=True, help="engine folder to write")
     ap.add_argument("--format", default="onnx", help="comma list of onnx,tensorrt (onnx is always built)")
-    ap.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="TensorRT precision")
+    ap.add_argument(
+        "--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="TensorRT precision"
+    )
     ap.add_argument("--n-check", type=int, default=64, help="held-out samples for the parity check")
     ap.add_argument("--topk", type=int, default=20, help="candidates returned by the engine")
     ap.add_argument("--expert-compute", default="shared", choices=("shared", "folded"))
@@ -36,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # per-initializer dedup chatter
     from export.pipeline import run_export
 
     try:

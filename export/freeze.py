@@ -96,7 +96,9 @@ class SharedBaseExperts(nn.Module):
             self.register_buffer("b_gu_2ErF", _const(s * b_gu.transpose(2, 3).flatten(1, 2)))
             self.register_buffer("w_d_DF", _const(base.down_proj.weight))
             self.register_buffer("a_d_ErF", _const(experts.stacked("down_A").flatten(0, 1)))
-            self.register_buffer("b_d_ErD", _const(s * experts.stacked("down_B").transpose(1, 2).flatten(0, 1)))
+            self.register_buffer(
+                "b_d_ErD", _const(s * experts.stacked("down_B").transpose(1, 2).flatten(0, 1))
+            )
 
     def forward(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         """x_TD, ids_TK (-1 = empty slot), w_TK -> y_TD = sum_k w_k expert_{ids_k}(x)."""

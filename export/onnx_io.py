@@ -169,7 +169,9 @@ class OrtSession:
         if not Path(path).is_file():
             raise FileNotFoundError(f"ONNX model not found: {path}")
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        opts.intra_op_num_threads = (
+            threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or (os.cpu_count() or 1)
+        )
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         avail = ort.get_available_providers()
         providers = [p for p in (providers or ["CPUExecutionProvider"]) if p in avail] or avail[-1:]
@@ -187,7 +189,9 @@ class OrtSession:
         missing = [n for n in self.input_names if n not in feed]
         extra = sorted(set(feed) - set(self.input_names))
         if missing or extra:
-            raise OnnxInputError(f"ONNX inputs: missing {missing}, unexpected {extra}; expected {self.input_names}")
+            raise OnnxInputError(
+                f"ONNX inputs: missing {missing}, unexpected {extra}; expected {self.input_names}"
+            )
         batch: dict[str, int] = {}
         for name, shape, dtype in self.inputs:
             x = feed[name]
@@ -197,11 +201,15 @@ class OrtSession:
                 raise OnnxInputError(f"input {name!r}: shape {x.shape} has rank {x.ndim}, expected {shape}")
             for ax, (got, want) in enumerate(zip(x.shape, shape, strict=True)):
                 if isinstance(want, int) and got != want:
-                    raise OnnxInputError(f"input {name!r}: axis {ax} is {got}, expected {want} (shape {shape})")
+                    raise OnnxInputError(
+                        f"input {name!r}: axis {ax} is {got}, expected {want} (shape {shape})"
+                    )
                 if isinstance(want, str):
                     batch.setdefault(want, got)
                     if batch[want] != got:
-                        raise OnnxInputError(f"input {name!r}: axis {want!r} is {got}, other inputs have {batch[want]}")
+                        raise OnnxInputError(
+                            f"input {name!r}: axis {want!r} is {got}, other inputs have {batch[want]}"
+                        )
 
     def run(self, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
         """{input name: array or tensor} (extra keys are dropped before validation only if ``inputs`` is a

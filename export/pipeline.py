@@ -29,7 +29,11 @@ CHECK_BATCHES = (1, 3, 7, 16, 37)
 
 
 def eager_reference(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], loc_xy_L2: np.ndarray, ranking: str, k: int,
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    loc_xy_L2: np.ndarray,
+    ranking: str,
+    k: int,
     metres_per_unit: float,
 ) -> dict[str, np.ndarray]:
     """The unfrozen eager model + ranking outside the graph: scipy KD-tree (point) or the eager scores'
@@ -52,8 +56,12 @@ def eager_reference(
 
 
 def check_parity(
-    run_fn: Any, model: torch.nn.Module, batch: dict[str, torch.Tensor], frozen: FrozenNextLocMoE,
-    loc_xy_L2: np.ndarray, metres_per_unit: float,
+    run_fn: Any,
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    frozen: FrozenNextLocMoE,
+    loc_xy_L2: np.ndarray,
+    metres_per_unit: float,
 ) -> dict[str, Any]:
     """Run ``run_fn({name: tensor}) -> {name: array}`` on chunks of CHECK_BATCHES sizes; compare with
     ``eager_reference``. Returns max_abs_diff (worst chunk), top10_agreement (sample mean), n_checked."""
@@ -94,8 +102,13 @@ def _tensorrt_section(out: Path, onnx_path: Path, precision: str, check: Any) ->
 
 
 def run_export(
-    run_dir: str | Path, out_dir: str | Path, formats: tuple[str, ...] = ("onnx",), precision: str = "fp32",
-    n_check: int = 64, k: int = 20, compute: str = DEFAULT_EXPERT_COMPUTE,
+    run_dir: str | Path,
+    out_dir: str | Path,
+    formats: tuple[str, ...] = ("onnx",),
+    precision: str = "fp32",
+    n_check: int = 64,
+    k: int = 20,
+    compute: str = DEFAULT_EXPERT_COMPUTE,
 ) -> dict[str, Any]:
     """The whole export; returns (and writes) the report."""
     from nextlocmoe.model.io import load_run
@@ -112,7 +125,11 @@ def run_export(
     onnx_path = out / ONNX_FILE
     log.info("exporting ONNX (dynamo, opset %d) ...", onnx_io.OPSET)
     res = onnx_io.export_onnx(
-        frozen, tuple(example[n] for n in frozen.input_names), onnx_path, frozen.input_names, frozen.output_names
+        frozen,
+        tuple(example[n] for n in frozen.input_names),
+        onnx_path,
+        frozen.input_names,
+        frozen.output_names,
     )
     torch.export.save(res.exported_program, str(out / FROZEN_PROGRAM))
     loc = info.loc_xy_norm.float().numpy()
@@ -132,10 +149,12 @@ def run_export(
         report["tensorrt"] = _tensorrt_section(out, onnx_path, precision, check)
     else:
         report["tensorrt"] = {"skipped": "not requested (--format without tensorrt)"}
-    meta = {"input_names": list(frozen.input_names), "output_names": list(frozen.output_names),
-            "routing": cfg.model.personal_moe.routing, "expert_compute": compute, "ranking": frozen.ranker.mode,
-            "k": frozen.ranker.k, "precision": precision, "run": str(run_dir), "metres_per_unit": info.xy_std_m,
-            "num_locations": int(loc.shape[0]), "opset": res.opset}  # fmt: skip
+    meta = {
+        "input_names": list(frozen.input_names), "output_names": list(frozen.output_names),
+        "routing": cfg.model.personal_moe.routing, "expert_compute": compute, "ranking": frozen.ranker.mode,
+        "k": frozen.ranker.k, "precision": precision, "run": str(run_dir), "metres_per_unit": info.xy_std_m,
+        "num_locations": int(loc.shape[0]), "opset": res.opset,
+    }  # fmt: skip
     (out / FROZEN_META).write_text(json.dumps(meta, indent=2))
     (out / "export_report.json").write_text(json.dumps(report, indent=2))
     log.info("export done in %.1fs -> %s", time.time() - t0, out)

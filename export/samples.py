@@ -38,7 +38,9 @@ def synthetic_batch(
     return out
 
 
-def held_out_batch(data_dir: str | Path, n: int, split: str = "test", seed: int = 0) -> dict[str, torch.Tensor]:
+def held_out_batch(
+    data_dir: str | Path, n: int, split: str = "test", seed: int = 0
+) -> dict[str, torch.Tensor]:
     """``n`` samples drawn (without replacement, seeded) from a prepared data set's split, collated."""
     from nextlocmoe.data.store import TrajectoryDataset, collate
 

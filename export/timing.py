@@ -26,8 +26,12 @@ def _sync(device: str) -> None:
 
 
 def time_cell(
-    runner: Any, inputs: dict[str, torch.Tensor], warmup_s: float, budget_s: float,
-    min_runs: int = 5, max_runs: int = 1000,
+    runner: Any,
+    inputs: dict[str, torch.Tensor],
+    warmup_s: float,
+    budget_s: float,
+    min_runs: int = 5,
+    max_runs: int = 1000,
 ) -> list[float]:
     """Warm up (at least 2 calls, ~warmup_s), then run until ``budget_s`` or ``max_runs`` (at least
     ``min_runs``); returns per-call latencies in ms (results copied to the host inside each call)."""
@@ -54,8 +58,13 @@ def row(backend: str, device: str, batch: int, lat_ms: list[float]) -> dict[str,
 
 
 def bench_backend(
-    name: str, engine_dir: Path, pool: dict[str, torch.Tensor], batch_sizes: list[int], warmup_s: float,
-    budget_s: float, device: str | None = None,
+    name: str,
+    engine_dir: Path,
+    pool: dict[str, torch.Tensor],
+    batch_sizes: list[int],
+    warmup_s: float,
+    budget_s: float,
+    device: str | None = None,
 ) -> tuple[list[dict[str, Any]], str | None]:
     """All batch sizes of one backend -> (rows, skip reason or None)."""
     runner = make_runner(name, device)
@@ -77,7 +86,10 @@ def bench_backend(
 
 
 def run_bench(
-    engine_dir: str | Path, backends: list[str], batch_sizes: list[int], warmup_s: float = 1.0,
+    engine_dir: str | Path,
+    backends: list[str],
+    batch_sizes: list[int],
+    warmup_s: float = 1.0,
     budget_s: float = 3.0,
 ) -> dict[str, Any]:
     engine_dir = Path(engine_dir)
@@ -95,11 +107,12 @@ def run_bench(
 
 
 def format_table(result: dict[str, Any]) -> str:
-    head = f"{'backend':<12} {'device':<6} {'batch':>5} {'p50_ms':>9} {'p90_ms':>9} {'p99_ms':>9} {'samples/s':>10} {'runs':>5}"
+    cols = ("backend", "device", "batch", "p50_ms", "p90_ms", "p99_ms", "samples/s", "runs")
+    head = " ".join(f"{c:<12}" if i < 2 else f"{c:>9}" for i, c in enumerate(cols))
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
-        lines.append(f"{r['backend']:<12} {r['device']:<6} {r['batch']:>5} {r['p50_ms']:>9.3f} {r['p90_ms']:>9.3f} "
-                     f"{r['p99_ms']:>9.3f} {r['samples_per_s']:>10.1f} {r['n_runs']:>5}")  # fmt: skip
+        vals = (r["batch"], r["p50_ms"], r["p90_ms"], r["p99_ms"], r["samples_per_s"], r["n_runs"])
+        lines.append(f"{r['backend']:<12} {r['device']:<12} " + " ".join(f"{v:>9.4g}" for v in vals))
     lines += [f"skipped {s['backend']}: {s['reason']}" for s in result["skipped"]]
     return "\n".join(lines)
 

@@ -112,7 +112,9 @@ def build_engine(
     builder = trt.Builder(logger)
     weak = hasattr(trt.BuilderFlag, "FP16")  # TensorRT <= 10: precision flags exist
     if not weak and precision == "bf16":
-        raise RuntimeError("TensorRT >= 11 is strongly typed: bf16 needs a bf16 ONNX (NVIDIA ModelOpt AutoCast)")
+        raise RuntimeError(
+            "TensorRT >= 11 is strongly typed: bf16 needs a bf16 ONNX (NVIDIA ModelOpt AutoCast)"
+        )
     flags = 0 if weak else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = _parse(trt, builder, Path(onnx_path), flags, logger)
     config = builder.create_builder_config()

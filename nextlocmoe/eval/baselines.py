@@ -75,7 +75,7 @@ def _load_records(data_dir: Path) -> dict[str, np.ndarray]:
 def evaluate_baselines(
     data_dir: str | Path, split: str, progress: bool = True, max_samples: int = 0
 ) -> tuple[dict, dict]:
-    """Ranks and top-1 ids of each baseline on the samples of `split` (`eval_subset` of them if `max_samples` > 0).
+    """Ranks and top-1 ids of each baseline on the samples of `split` (`eval_subset` when max_samples > 0).
 
     Returns:
         ({baseline: {"ranks": [S] int64, "top1": [S] int64}}, {"target": [S] int64 location ids}).

@@ -24,7 +24,9 @@ class LayerStack(nn.Module):
         self.llama = tiny_llama()
         self.llama.layers[1].mlp = FrozenPersonalMoE(make_moe(self.llama.layers[1].mlp, routing), "shared")
 
-    def forward(self, x_BSD: torch.Tensor, mask_BS: torch.Tensor, ctx_BC: torch.Tensor) -> tuple[torch.Tensor]:
+    def forward(
+        self, x_BSD: torch.Tensor, mask_BS: torch.Tensor, ctx_BC: torch.Tensor
+    ) -> tuple[torch.Tensor]:
         sink: list = []
         self.llama.layers[1].mlp.bind(ctx_BC, sink)
         h = self.llama(inputs_embeds=x_BSD, attention_mask=mask_BS).last_hidden_state
@@ -110,9 +112,13 @@ def test_session_validates_inputs(tmp_path: Path) -> None:
                       ("h_last", "ids"))  # fmt: skip
     sess = OrtSession(res.path)
     x, mask, ctx = (t.numpy() for t in _inputs(3, 0))
-    cases = [({"x": x, "mask": mask}, "missing"), ({"x": x, "mask": mask.astype(np.int32), "ctx": ctx}, "dtype"),
-             ({"x": x[:, :4], "mask": mask, "ctx": ctx}, "axis 1"), ({"x": x, "mask": mask, "ctx": ctx[:2]}, "batch"),
-             ({"x": x[0], "mask": mask, "ctx": ctx}, "rank")]  # fmt: skip
+    cases = [
+        ({"x": x, "mask": mask}, "missing"),
+        ({"x": x, "mask": mask.astype(np.int32), "ctx": ctx}, "dtype"),
+        ({"x": x[:, :4], "mask": mask, "ctx": ctx}, "axis 1"),
+        ({"x": x, "mask": mask, "ctx": ctx[:2]}, "batch"),
+        ({"x": x[0], "mask": mask, "ctx": ctx}, "rank"),
+    ]
     for feed, word in cases:
         with pytest.raises(OnnxInputError, match=word):
             sess.run(feed)
