@@ -22,18 +22,27 @@ from nextlocmoe.model.experts import PersonaExperts
 from nextlocmoe.model.routing import select
 
 
-def time_fwd_bwd(ex: PersonaExperts, mode: str, x, ids, w, repeats: int) -> float:
-    times = []
+def fwd_bwd_s(ex: PersonaExperts, mode: str, x, ids, w) -> float:
+    xx = x.detach().requires_grad_(True)
+    ww = w.detach().requires_grad_(True)
+    t = time.perf_counter()
+    y = ex(xx, ids, ww, mode=mode)
+    y.float().pow(2).mean().backward()
+    dt = time.perf_counter() - t
+    ex.zero_grad(set_to_none=True)
+    return dt
+
+
+def time_modes(ex: PersonaExperts, modes: list[str], x, ids, w, repeats: int) -> dict[str, list[float]]:
+    """Interleaved timings (one round = every mode once) so load changes hit all modes alike; one warm-up
+    round is discarded. Returns ms per mode."""
+    out: dict[str, list[float]] = {m: [] for m in modes}
     for i in range(repeats + 1):
-        xx = x.detach().requires_grad_(True)
-        ww = w.detach().requires_grad_(True)
-        t = time.perf_counter()
-        y = ex(xx, ids, ww, mode=mode)
-        y.float().pow(2).mean().backward()
-        if i > 0:  # first run is warm-up
-            times.append(time.perf_counter() - t)
-        ex.zero_grad(set_to_none=True)
-    return statistics.median(times) * 1000
+        for m in modes:
+            dt = fwd_bwd_s(ex, m, x, ids, w) * 1000
+            if i > 0:
+                out[m].append(dt)
+    return out
 
 
 def main() -> None:
@@ -68,14 +77,26 @@ def main() -> None:
     }
     rows = []
     print(f"D={a.d_model} F={a.d_ff} E={a.experts} T={a.tokens} r={a.rank} threads={torch.get_num_threads()}")
+    modes = ["naive", "grouped", "static"]
     for name, (ids, w) in cases.items():
-        ref = time_fwd_bwd(ex, "naive", x, ids, w, a.repeats)
-        for mode in ("naive", "grouped", "static"):
-            ms = ref if mode == "naive" else time_fwd_bwd(ex, mode, x, ids, w, a.repeats)
+        t = time_modes(ex, modes, x, ids, w, a.repeats)
+        ref_min, ref_med = min(t["naive"]), statistics.median(t["naive"])
+        for m in modes:
+            mn, md = min(t[m]), statistics.median(t[m])
             rows.append(
-                {"routing": name, "impl": mode, "ms_fwd_bwd": round(ms, 2), "speedup": round(ref / ms, 2)}
+                {
+                    "routing": name,
+                    "impl": m,
+                    "min_ms": round(mn, 1),
+                    "median_ms": round(md, 1),
+                    "speedup_min": round(ref_min / mn, 2),
+                    "speedup_median": round(ref_med / md, 2),
+                }
             )
-            print(f"{name:34s} {mode:8s} {ms:9.1f} ms  x{ref / ms:.2f}")
+            print(
+                f"{name:34s} {m:8s} min {mn:8.1f} ms  median {md:8.1f} ms  "
+                f"speed-up x{ref_min / mn:.2f} (min) x{ref_med / md:.2f} (median)"
+            )
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)
