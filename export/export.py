@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # per-initializer dedup chatter
+    logging.getLogger("onnxscript").setLevel(logging.WARNING)  # rewriter rule chatter
     from export.pipeline import run_export
 
     try:
