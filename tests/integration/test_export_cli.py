@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import SHARED_DATA
+
 ROOT = Path(__file__).resolve().parents[2]
-NYC = Path("/work/shared/data/fsq-nyc")
+NYC = SHARED_DATA / "fsq-nyc"
 
 pytestmark = [pytest.mark.integration]
 
