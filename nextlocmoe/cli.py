@@ -116,6 +116,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-samples", type=int, default=0, help="evaluate the model on the first N samples")
     p.add_argument("--ranking", choices=("point", "scored"), help="headline ranking (default: the run's)")
     p.add_argument("--batch-size", type=int, default=0, help="evaluation batch (default: the run's)")
+    p.add_argument(
+        "--normalise",
+        choices=("target", "source"),
+        default="target",
+        help="with --run and another --data set (zero-shot): coordinate/duration stats of the target data "
+        "set (default) or of the run's training data set (docs/EXPLAIN.md)",
+    )
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -129,9 +136,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         from nextlocmoe.eval.evaluate import evaluate_run
 
-        report = evaluate_run(
-            args.run, args.data, args.split, args.ranking, args.max_samples, args.batch_size
-        )
+        if args.data is not None or args.normalise != "target":  # any data set, zero-shot included
+            from nextlocmoe.eval.zeroshot import evaluate_transfer
+
+            report = evaluate_transfer(
+                args.run, args.data or _run_data(args.run), args.split, args.ranking, args.max_samples,
+                args.batch_size, args.normalise,
+            )  # fmt: skip
+        else:
+            report = evaluate_run(
+                args.run, args.data, args.split, args.ranking, args.max_samples, args.batch_size
+            )
     print(format_table(report))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -162,12 +177,66 @@ def _fmt(v: float | int | None) -> str:
     return f"{v:.1f}" if isinstance(v, float) and abs(v) >= 10 else f"{v:.4f}"
 
 
+def _run_data(run: Path) -> str:
+    from nextlocmoe.model.io import load_run_config
+
+    return load_run_config(run).data.dir
+
+
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="routing report of a trained run: persona/function expert mixes, load, stability, plots",
+        description="Run the model over samples and explain its routing (docs/EXPLAIN.md): summary.json "
+        "and PNG plots in --out; category agreement where the data has venue categories.",
+    )
+    p.add_argument("--run", required=True, type=Path, help="training run folder (any ep_size)")
+    p.add_argument("--data", type=Path, help="prepared data folder (default: the run's)")
+    p.add_argument("--out", required=True, type=Path, help="report folder (created)")
+    p.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    p.add_argument("--max-samples", type=int, default=2000, help="evenly spaced samples (0 = all)")
+    p.add_argument("--batch-size", type=int, default=0, help="batch (default: the run's eval batch)")
+    p.add_argument(
+        "--pool", choices=("current", "valid", "last"), default="current",
+        help="persona-MoE token positions pooled per sample (default: the current window)",
+    )  # fmt: skip
+    p.add_argument("--top-users", type=int, default=30, help="users in the heatmap (most samples first)")
+    p.add_argument("--normalise", choices=("target", "source"), default="target", help="as in evaluate")
+    p.set_defaults(func=_cmd_explain)
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from nextlocmoe.eval.explain import explain_run
+
+    t0 = time.perf_counter()
+    rep = explain_run(
+        args.run, args.data, args.out, args.split, args.max_samples, args.batch_size, args.pool,
+        args.top_users, args.normalise,
+    )  # fmt: skip
+    for li, st in enumerate(rep["overall"]["persona"]):
+        print(f"persona layer {li}: load {[round(x, 3) for x in st['load']]} cv {st['load_cv']:.3f} "
+              f"entropy {st['entropy']:.3f} stability_js {st['stability_js']}")  # fmt: skip
+    fn = rep["overall"]["function"]
+    if fn:
+        print(f"function: load {[round(x, 3) for x in fn['load']]} cv {fn['load_cv']:.3f} "
+              f"entropy {fn['entropy']:.3f}")  # fmt: skip
+    agr = rep["category_agreement"]
+    if "agreement" in agr:
+        print(f"category agreement {agr['agreement']:.4f} (n={agr['n_records']}; random 1/5 = 0.2, seeded "
+              f"{agr['random_seeded']:.4f}; popularity group {agr['popularity_group']:.4f}, model's top "
+              f"expert {agr['popularity_model_expert']:.4f})")  # fmt: skip
+    print(f"wrote {args.out}/summary.json and {sorted(rep['plots'].values())} "
+          f"({rep['n_samples']} samples, {time.perf_counter() - t0:.1f} s)")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nextlocmoe", description="NextLocMoE data, evaluation and tools")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prepare(sub)
     _add_evaluate(sub)
+    _add_explain(sub)
     return parser
 
 

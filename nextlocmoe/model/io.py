@@ -23,15 +23,16 @@ class RunError(ValueError):
     """A run folder is incomplete or inconsistent; the message names the file."""
 
 
-def data_info_from_dir(data_dir: str | Path) -> DataInfo:
-    """Location table (normalised coords) and normalisation stats of a prepared data set."""
+def data_info_from_dir(data_dir: str | Path, stats_dir: str | Path | None = None) -> DataInfo:
+    """Location table (normalised coords) and normalisation stats of a prepared data set (the stats of
+    ``stats_dir`` instead when given: zero-shot ``--normalise source``)."""
     manifest = load_manifest(data_dir)
     if not manifest.get("has_coordinates", False):
         raise RunError(
             f"{data_dir}: data set {manifest.get('dataset')!r} has no location coordinates; the NextLocMoE "
             "model regresses coordinates (MODEL.md), so it cannot be trained on it (baselines still work)"
         )
-    stats = load_stats(data_dir)
+    stats = load_stats(stats_dir or data_dir)
     xy = normalise_xy(load_locations(data_dir)["xy"], stats)
     return DataInfo(
         torch.tensor(xy, dtype=torch.float32), float(stats["xy_std"]), stats["x_mean"], stats["y_mean"]
@@ -54,30 +55,75 @@ def newest_checkpoint(run_dir: str | Path) -> Path:
     return max(done, key=lambda p: int(p.name.removeprefix("step")))
 
 
-def load_model_state(model: NextLocMoE, ckpt_dir: str | Path) -> None:
-    """Load a checkpoint folder: a consolidated single-device state dict if present, else DeepSpeed's
+def read_model_state(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint folder's single-device state dict: the consolidated file if present, else DeepSpeed's
     per-rank / per-expert files gathered into one (any ep_size)."""
     ckpt_dir = Path(ckpt_dir)
     if (ckpt_dir / CONSOLIDATED).is_file():
-        state = torch.load(ckpt_dir / CONSOLIDATED, map_location="cpu", weights_only=True)
-    else:
-        from nextlocmoe.model.expert_ckpt import gather_deepspeed_state
+        return torch.load(ckpt_dir / CONSOLIDATED, map_location="cpu", weights_only=True)
+    from nextlocmoe.model.expert_ckpt import gather_deepspeed_state
 
-        state = gather_deepspeed_state(ckpt_dir)
+    return gather_deepspeed_state(ckpt_dir)
+
+
+def load_model_state(
+    model: NextLocMoE, ckpt_dir: str | Path, state: dict | None = None, skip: tuple[str, ...] = ()
+) -> None:
+    """Load a checkpoint folder (``read_model_state``, or its already-read ``state``) into the model;
+    keys in ``skip`` are left as the model has them."""
+    ckpt_dir = Path(ckpt_dir)
+    state = dict(read_model_state(ckpt_dir) if state is None else state)
+    for k in skip:
+        state.pop(k, None)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    trainable_missing = [k for k in missing if dict(model.named_parameters())[k].requires_grad]
+    params = dict(model.named_parameters())
+    trainable_missing = [k for k in missing if k in params and params[k].requires_grad and k not in skip]
     if trainable_missing or unexpected:
         raise RunError(f"{ckpt_dir}: checkpoint does not match the model: missing trainable "
                        f"{trainable_missing[:5]}, unexpected {unexpected[:5]}")  # fmt: skip
 
 
+# Scored-head entries that belong to the training data set's location table (docs/EXPLAIN.md, zero-shot).
+LOCATION_KEYS = ("scored.loc_emb.weight", "scored.loc_xy_L2")
+
+
+def foreign_locations(state: dict[str, torch.Tensor], info: DataInfo) -> bool:
+    """True when the checkpoint's scored head was built on another location table than ``info``'s
+    (different size or coordinates): the per-location embeddings cannot be used on ``info``'s data."""
+    saved = state.get("scored.loc_xy_L2")
+    if saved is None:
+        return False
+    xy = info.loc_xy_norm
+    return saved.shape != xy.shape or not torch.allclose(saved.float(), xy, atol=1e-4)
+
+
 def load_run(
-    run_dir: str | Path, data_dir: str | Path | None = None, ckpt: str | Path | None = None
+    run_dir: str | Path,
+    data_dir: str | Path | None = None,
+    ckpt: str | Path | None = None,
+    normalise: str = "target",
 ) -> tuple[Config, NextLocMoE, DataInfo]:
     """Config + single-device model with the newest complete checkpoint's weights (or ``ckpt``) + data
-    info (from ``data_dir``, default the run's own data set)."""
+    info (from ``data_dir``, default the run's own data set).
+
+    Cross-domain (zero-shot, docs/EXPLAIN.md): when ``data_dir``'s location table is not the one the run
+    was trained on, the scored head gets ``data_dir``'s table (candidates = target locations only) and its
+    per-location embedding term is dropped (zeroed; ``model.location_transfer`` says so), keeping the
+    distance and visit-count terms. ``normalise``: "target" uses ``data_dir``'s stats.json, "source" the
+    run's training data set's (``cfg.data.dir`` must exist)."""
+    if normalise not in ("target", "source"):
+        raise ValueError(f"normalise must be 'target' or 'source', not {normalise!r}")
     cfg = load_run_config(run_dir)
-    info = data_info_from_dir(data_dir or cfg.data.dir)
+    stats_dir = cfg.data.dir if normalise == "source" else None
+    info = data_info_from_dir(data_dir or cfg.data.dir, stats_dir)
     model = build_model(cfg.model, info)
-    load_model_state(model, ckpt or newest_checkpoint(run_dir))
+    ckpt = ckpt or newest_checkpoint(run_dir)
+    state = read_model_state(ckpt)
+    foreign = model.scored is not None and foreign_locations(state, info)
+    load_model_state(model, ckpt, state, skip=LOCATION_KEYS if foreign else ())
+    model.location_transfer = None
+    if foreign:
+        with torch.no_grad():
+            model.scored.loc_emb.weight.zero_()
+        model.location_transfer = "per-location embedding term dropped (source-city embeddings)"
     return cfg, model.eval(), info
