@@ -114,7 +114,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="write the JSON report here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--max-samples", type=int, default=0, help="evaluate the model on the first N samples")
-    p.add_argument("--ranking", choices=("point", "scored"), help="headline ranking (default: the run's)")
+    p.add_argument(
+        "--ranking", choices=("point", "scored", "codes"), help="headline ranking (default: the run's)"
+    )
+    p.add_argument(
+        "--task", choices=("next", "recovery"), default="next",
+        help="next-location prediction (default) or mobility recovery: one masked current record (QTMOB.md)",
+    )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=0, help="evaluation batch (default: the run's)")
     p.add_argument(
         "--normalise",
@@ -132,11 +138,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.baselines_only or args.run is None:
         if args.data is None:
             raise DataError("evaluate --baselines-only needs --data DIR")
-        report = baseline_report(args.data, args.split, progress=not args.quiet)
+        if args.task == "recovery":
+            from nextlocmoe.tokens.recovery import recovery_baselines
+
+            base = recovery_baselines(args.data, args.split, args.max_samples)
+            report = {"split": args.split, "task": "recovery", "n": base["markov"]["n"], "baselines": base}
+        else:
+            report = baseline_report(args.data, args.split, progress=not args.quiet)
     else:
         from nextlocmoe.eval.evaluate import evaluate_run
 
-        if args.data is not None or args.normalise != "target":  # any data set, zero-shot included
+        if args.task == "recovery":
+            report = evaluate_run(
+                args.run, args.data, args.split, args.ranking, args.max_samples, args.batch_size, "recovery"
+            )
+        elif args.data is not None or args.normalise != "target":  # any data set, zero-shot included
             from nextlocmoe.eval.zeroshot import evaluate_transfer
 
             report = evaluate_transfer(
@@ -230,6 +246,36 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tokenize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tokenize",
+        help="train the QT-Mob location tokenizer (RQ-VAE) on a prepared data set",
+        description="Write DIR/location_codes.json (a unique code tuple per location) and "
+        "DIR/tokenizer_report.json (docs/QTMOB.md).",
+    )
+    p.add_argument("--data", required=True, type=Path, help="prepared data folder (`nextlocmoe prepare`)")
+    p.add_argument("--levels", type=int, default=4, help="residual quantisation levels (default 4)")
+    p.add_argument("--codebook", type=int, default=64, help="codes per level (default 64)")
+    p.add_argument("--code-dim", type=int, default=32, help="code vector width (default 32)")
+    p.add_argument("--epochs", type=int, default=60, help="training epochs over all locations (default 60)")
+    p.add_argument("--seed", type=int, default=0, help="seed (the codes are deterministic under it)")
+    p.set_defaults(func=_cmd_tokenize)
+
+
+def _cmd_tokenize(args: argparse.Namespace) -> int:
+    from nextlocmoe.tokens.rqvae import TokenizerSettings, tokenize
+
+    if args.levels < 1 or args.codebook < 2 or args.epochs < 1 or args.code_dim < 1:
+        raise DataError("tokenize: --levels >= 1, --codebook >= 2, --epochs >= 1, --code-dim >= 1")
+    s = TokenizerSettings(levels=args.levels, codebook=args.codebook, d_code=args.code_dim,
+                          epochs=args.epochs, seed=args.seed)  # fmt: skip
+    r = tokenize(args.data, s, log=log.info)
+    print(f"tokenized {r['locations']} locations -> {args.data}/location_codes.json in {r['seconds']:.1f} s:"
+          f" {r['levels']} levels (extra collision level: {r['extra_level']}), collisions resolved "
+          f"{r['collisions_resolved']}, code usage {r['code_usage']}, mse {r['recon_mse']:.4f}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nextlocmoe", description="NextLocMoE data, evaluation and tools")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -237,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_evaluate(sub)
     _add_explain(sub)
+    _add_tokenize(sub)
     return parser
 
 

@@ -123,11 +123,29 @@ class PersonalMoEConfig:
 class HeadsConfig:
     scored: bool = True  # candidate-scoring head over the location table (MODEL.md "ranking heads")
     d_loc_emb: int = 64
-    ranking: str = "scored"  # which ranking `evaluate` reports as the headline: point | scored
+    ranking: str = "scored"  # which ranking `evaluate` reports as the headline: point | scored | codes
 
     def __post_init__(self) -> None:
-        _check(self.ranking in ("point", "scored"), "model.heads.ranking must be point|scored")
+        _check(self.ranking in ("point", "scored", "codes"), "model.heads.ranking must be point|scored|codes")
         _check(self.scored or self.ranking == "point", "model.heads.ranking=scored needs heads.scored=true")
+
+
+@dataclass
+class TokensConfig:
+    """QT-Mob (docs/QTMOB.md): semantic location codes as inputs, a code-generation head, mobility recovery.
+    All off by default."""
+
+    enabled: bool = False  # code embeddings (one Embedding per level, summed) added to each record's location
+    codes_path: str = ""  # `nextlocmoe tokenize` output ('' = <data.dir>/location_codes.json)
+    d_code: int = 0  # code embedding / code-head width (0 = embed.d_loc)
+    gen_head: bool = False  # generative head over code levels -> ranking `codes` (trie beam search)
+    beam: int = 20  # beam width of the constrained decoding (ranks beyond it count as L)
+    recovery: bool = False  # learned mask embedding for masked records (mobility recovery)
+    recovery_masks: int = 1  # records masked per recovery training sample (the first is the target)
+
+    def __post_init__(self) -> None:
+        _check(self.d_code >= 0 and self.beam >= 1, "model.tokens.d_code must be >= 0, beam >= 1")
+        _check(self.recovery_masks >= 1, "model.tokens.recovery_masks must be >= 1")
 
 
 @dataclass
@@ -142,8 +160,11 @@ class ModelConfig:
     semantic_moe: SemanticMoEConfig = field(default_factory=SemanticMoEConfig)
     personal_moe: PersonalMoEConfig = field(default_factory=PersonalMoEConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
 
     def __post_init__(self) -> None:
+        ok = self.heads.ranking != "codes" or self.tokens.gen_head
+        _check(ok, "model.heads.ranking=codes needs model.tokens.gen_head")
         _check(
             self.text_encoder in ("auto", "backbone", "minilm"), "model.text_encoder: auto|backbone|minilm"
         )
@@ -162,9 +183,13 @@ class LossConfig:
     duration_weight: float = 0.0
     aux_weight: float = 0.0  # load-balancing loss from the expert-parallel layer
     scored_weight: float = 1000.0  # cross-entropy of the candidate-scoring head (metre-scaled)
+    codes_weight: float = 1000.0  # QT-Mob code head: mean per-level cross-entropy (only with tokens.gen_head)
+    next_weight: float = 1.0  # next-location samples' share when recovery_weight > 0
+    recovery_weight: float = 0.0  # mobility-recovery objective (needs model.tokens.recovery); 0 = off
 
     def __post_init__(self) -> None:
-        for k in ("entropy_weight", "duration_weight", "aux_weight", "scored_weight"):
+        weights = ("entropy_weight", "duration_weight", "aux_weight", "scored_weight", "codes_weight")
+        for k in (*weights, "next_weight", "recovery_weight"):
             _check(getattr(self, k) >= 0, f"loss.{k} must be >= 0")
 
 
@@ -205,6 +230,11 @@ class Config:
     def __post_init__(self) -> None:
         e, ep = self.model.personal_moe.num_experts, self.train.ep_size
         _check(e % ep == 0, f"model.personal_moe.num_experts ({e}) must be divisible by train.ep_size ({ep})")
+        tk = self.model.tokens
+        if (tk.enabled or tk.gen_head) and not tk.codes_path:  # resolved, so the saved run config names it
+            tk.codes_path = str(Path(self.data.dir) / "location_codes.json")
+        ok = self.loss.recovery_weight == 0 or tk.recovery
+        _check(ok, "loss.recovery_weight > 0 needs model.tokens.recovery")
 
 
 # ----------------------------------------------------------------------------------------------------------

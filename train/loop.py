@@ -160,8 +160,15 @@ class MetricsLog:
             self.tb.close()
 
 
-def train_step(engine, batch: dict[str, torch.Tensor], cfg: Config, xy_std: float):
-    """One micro-step: forward, loss assembled from the explicit aux, backward, (boundary) optimizer step."""
+def train_step(engine, batch: dict[str, torch.Tensor], cfg: Config, xy_std: float, micro_step: int = 0):
+    """One micro-step: forward, loss assembled from the explicit aux, backward, (boundary) optimizer step.
+    With loss.recovery_weight > 0 the batch also carries masked copies (QT-Mob recovery, docs/QTMOB.md)."""
+    if cfg.loss.recovery_weight > 0:
+        from nextlocmoe.tokens.recovery import mix_recovery
+
+        lw = cfg.loss
+        seed = [cfg.train.seed, micro_step]
+        batch = mix_recovery(batch, cfg.model.tokens.recovery_masks, lw.next_weight, lw.recovery_weight, seed)
     batch = {k: v.to(engine.device) for k, v in batch.items()}
     pred, aux = engine(batch)
     parts = compute_loss(pred, aux, batch, cfg.loss, xy_std)
@@ -191,7 +198,8 @@ def train_run(cfg: Config, ds_json: str, d: Dist, resume: bool = False) -> Path:
     engine.train()
     for step in range(start + 1, total + 1):
         for a in range(acc):
-            parts, aux = train_step(engine, batches((step - 1) * acc + a), cfg, xy_std)
+            ms = (step - 1) * acc + a
+            parts, aux = train_step(engine, batches(ms), cfg, xy_std, ms)
         seen += cfg.data.batch_size * acc * d.world
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == total:

@@ -26,6 +26,7 @@ from nextlocmoe.eval.baselines import baseline_report
 from nextlocmoe.eval.metrics import ranking_metrics
 from nextlocmoe.eval.ranking import rank_by_point
 from nextlocmoe.geo import haversine_m, mercator_to_latlon
+from nextlocmoe.tokens.evaluation import codes_metrics, codes_predictions, task_batch
 
 
 def score_ranks(scores_BL: torch.Tensor, target_B: torch.Tensor) -> torch.Tensor:
@@ -38,16 +39,24 @@ def score_ranks(scores_BL: torch.Tensor, target_B: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def predict_split(
-    model: torch.nn.Module, data_dir: str | Path, split: str, batch_size: int, max_samples: int = 0
+    model: torch.nn.Module,
+    data_dir: str | Path,
+    split: str,
+    batch_size: int,
+    max_samples: int = 0,
+    task: str = "next",
 ) -> dict[str, np.ndarray]:
-    """Run the model over a split: pred_xy (normalised) [N,2], target_loc [N], scored ranks / top-1 [N]."""
+    """Run the model over a split: pred_xy (normalised) [N,2], target_loc [N], scored / codes ranks and
+    top-1 [N]. ``task="recovery"``: one record of each current window masked, it is the target (QTMOB.md)."""
     ds = TrajectoryDataset(data_dir, split)
     idx = eval_subset(len(ds), max_samples)
     out: dict[str, list] = {"pred_xy": [], "target_loc": [], "scored_rank": [], "scored_top1": []}
     model.eval()
     for a in tqdm(range(0, len(idx), batch_size), desc=f"evaluate {split}", leave=False, mininterval=5):
-        batch = collate(ds.get_batch(idx[a : a + batch_size]))
+        batch = task_batch(collate(ds.get_batch(idx[a : a + batch_size])), task)
         pred, _ = model(batch)
+        for k, v in codes_predictions(model, pred, batch["target_loc"]).items():
+            out.setdefault(k, []).append(v)
         out["pred_xy"].append(pred.xy.float().numpy())
         out["target_loc"].append(batch["target_loc"].numpy())
         if pred.scores is not None:
@@ -79,20 +88,30 @@ def evaluate_model(
     ranking: str = "scored",
     max_samples: int = 0,
     with_baselines: bool = True,
+    task: str = "next",
 ) -> dict:
     """CONTRACT.md evaluate report: headline metrics of ``ranking``, every ranking under ``rankings``,
-    the baselines on the same samples under ``baselines``."""
+    the baselines on the same samples under ``baselines`` (``task``: next | recovery, QTMOB.md)."""
     manifest = load_manifest(data_dir)
     if manifest.get("coordinate_units", "degrees") != "degrees":
         raise ValueError(f"{data_dir}: model evaluation needs WGS84 coordinates in the location table")
-    res = predict_split(model, data_dir, split, batch_size, max_samples)
+    res = predict_split(model, data_dir, split, batch_size, max_samples, task)
     rankings = {"point": _point_metrics(res, data_dir)}
     if "scored_rank" in res:
         rankings["scored"] = _scored_metrics(res, data_dir)
+    if "codes_rank" in res:
+        rankings["codes"] = codes_metrics(res, data_dir, model.qtmob.beam)
     if ranking not in rankings:
         raise ValueError(f"ranking {ranking!r} not available (model has: {sorted(rankings)})")
     report = {"split": split, **rankings[ranking], "ranking": ranking, "rankings": rankings,
               "dataset": manifest.get("dataset"), "data": str(data_dir)}  # fmt: skip
+    if task == "recovery":
+        from nextlocmoe.tokens.recovery import recovery_baselines
+
+        report["task"] = task
+        if with_baselines:
+            report["baselines"] = recovery_baselines(data_dir, split, max_samples)
+        return report
     if with_baselines:
         base = baseline_report(data_dir, split, progress=False, max_samples=max_samples)
         if base["n"] != report["n"]:
@@ -108,6 +127,7 @@ def evaluate_run(
     ranking: str | None = None,
     max_samples: int = 0,
     batch_size: int = 0,
+    task: str = "next",
 ) -> dict:
     """``nextlocmoe evaluate --run``: load the run's newest complete checkpoint (any ep_size) into the
     single-device model and evaluate it on ``data_dir`` (default: the run's own data set)."""
@@ -117,7 +137,7 @@ def evaluate_run(
     data = data_dir or cfg.data.dir
     report = evaluate_model(
         model, data, split, batch_size or cfg.data.eval_batch_size, ranking or cfg.model.heads.ranking,
-        max_samples,
+        max_samples, task=task,
     )  # fmt: skip
     report["run"] = str(run_dir)
     return report

@@ -22,6 +22,7 @@ class LossParts:
     aux: torch.Tensor
     duration: torch.Tensor
     scored: torch.Tensor
+    codes: torch.Tensor | None = None  # QT-Mob code head (mean per-level cross-entropy)
 
     def as_floats(self) -> dict[str, float]:
         """The logged keys of metrics.jsonl (CONTRACT.md)."""
@@ -32,6 +33,7 @@ class LossParts:
             "loss_aux": float(self.aux.detach()),
             "loss_duration": float(self.duration.detach()),
             "loss_scored": float(self.scored.detach()),
+            **({"loss_codes": float(self.codes.detach())} if self.codes is not None else {}),
         }
 
 
@@ -44,16 +46,32 @@ def distance_m(pred_xy_B2: torch.Tensor, target_xy_B2: torch.Tensor, xy_std_m: f
 def compute_loss(
     pred: Predictions, aux: ModelAux, batch: dict[str, torch.Tensor], cfg: LossConfig, xy_std_m: float
 ) -> LossParts:
-    dist = distance_m(pred.xy, batch["target_xy"], xy_std_m).mean()
+    w = batch.get("sample_weight")  # recovery mixing (nextlocmoe/tokens/recovery.py): weighted sums
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        return x.mean() if w is None else (x * w.to(x.dtype)).sum()
+
+    dist = mean(distance_m(pred.xy, batch["target_xy"], xy_std_m))
     zero = dist.new_zeros(())
     ent = torch.stack([a.entropy for a in aux.personal]).mean() if aux.personal else zero
     l_aux = torch.stack([a.l_aux.float() for a in aux.personal]).sum() if aux.personal else zero
-    dur = (pred.dur.float() - batch["target_dur"].float()).abs().mean()
+    dur = mean((pred.dur.float() - batch["target_dur"].float()).abs())
     scored = zero
     if pred.scores is not None:
-        scored = torch.nn.functional.cross_entropy(pred.scores.float(), batch["target_loc"])
+        scored = mean(
+            torch.nn.functional.cross_entropy(pred.scores.float(), batch["target_loc"], reduction="none")
+        )
+    codes = None
+    if pred.code_logits is not None:
+        B, Lv, K = pred.code_logits.shape
+        ce = torch.nn.functional.cross_entropy(
+            pred.code_logits.float().reshape(B * Lv, K), pred.code_targets.reshape(-1), reduction="none"
+        )
+        codes = mean(ce.view(B, Lv).mean(1))
     total = (
         dist + cfg.entropy_weight * ent + cfg.aux_weight * l_aux + cfg.duration_weight * dur
         + cfg.scored_weight * scored
     )  # fmt: skip
-    return LossParts(total, dist, ent, l_aux, dur, scored)
+    if codes is not None:
+        total = total + cfg.codes_weight * codes
+    return LossParts(total, dist, ent, l_aux, dur, scored, codes)

@@ -24,6 +24,7 @@ from nextlocmoe.model.heads import PointHeads, ScoredHead
 from nextlocmoe.model.personal_moe import PersonalMoE
 from nextlocmoe.model.routing import RoutingAux
 from nextlocmoe.model.semantic_moe import SemanticMoE
+from nextlocmoe.tokens.model import QTMob
 
 MODEL_INPUTS = (
     "hist_xy", "hist_weekday", "hist_hour", "hist_dur", "hist_mask",
@@ -50,6 +51,9 @@ class Predictions:
     xy: torch.Tensor  # [B, 2] normalised coordinates
     dur: torch.Tensor  # [B] normalised duration
     scores: torch.Tensor | None  # [B, Nl] candidate scores (scored head) or None
+    code_logits: torch.Tensor | None = None  # [B, Lv, K] teacher-forced QT-Mob code logits (training loss)
+    code_targets: torch.Tensor | None = None  # [B, Lv] the target's codes
+    hidden: torch.Tensor | None = None  # [B, D] last hidden state (QT-Mob beam search at evaluation)
 
 
 @dataclass
@@ -88,6 +92,9 @@ class NextLocMoE(nn.Module):
         self.proj_cur = nn.Linear(ec.d_rec, d_model)
         self.heads = PointHeads(d_model)
         self.scored = ScoredHead(d_model, info.loc_xy_norm, cfg.heads.d_loc_emb) if cfg.heads.scored else None
+        tk = cfg.tokens  # QT-Mob (docs/QTMOB.md), off by default
+        wants = tk.enabled or tk.gen_head or tk.recovery
+        self.qtmob = QTMob(cfg, info.num_locations, d_model) if wants else None
 
     def moe_layers(self) -> list[nn.Module]:
         """The personalized MoE modules (any implementation exposing ``bind``), in layer order."""
@@ -99,6 +106,8 @@ class NextLocMoE(nn.Module):
         """Current-window record embeddings [B, C, R] with the semantic-MoE-enhanced location part."""
         xy, wd, hr, du = (batch[k] for k in ("cur_xy", "cur_weekday", "cur_hour", "cur_dur"))
         rec_BCR = self.rec(xy, wd, hr, du)
+        if self.qtmob is not None:
+            rec_BCR = self.qtmob.inputs(rec_BCR, batch["cur_loc"], batch.get("cur_masked"))
         if self.semantic is None:
             return rec_BCR, None
         B, C, R = rec_BCR.shape
@@ -110,6 +119,8 @@ class NextLocMoE(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[Predictions, ModelAux]:
         rec_hist = self.rec(batch["hist_xy"], batch["hist_weekday"], batch["hist_hour"], batch["hist_dur"])
+        if self.qtmob is not None:
+            rec_hist = self.qtmob.inputs(rec_hist, batch["hist_loc"])
         h_BR = self.history(rec_hist, batch["hist_mask"])
         rec_cur, sem_aux = self.encode_current(batch, h_BR)
         B, H = batch["hist_mask"].shape
@@ -138,7 +149,10 @@ class NextLocMoE(nn.Module):
         if self.scored is not None:
             scores = self.scored(h_last, xy, batch["hist_loc"], batch["cur_loc"])
         assert len(sink) == len(self.moe_layers()) and H + C + Pn == x_BSD.shape[1]
-        return Predictions(xy, dur, scores), ModelAux(sem_aux, sink)
+        code_logits = code_targets = None
+        if self.qtmob is not None and self.qtmob.head is not None and "target_loc" in batch:
+            code_logits, code_targets = self.qtmob.code_logits(h_last, batch["target_loc"])
+        return Predictions(xy, dur, scores, code_logits, code_targets, h_last), ModelAux(sem_aux, sink)
 
 
 def build_model(cfg: ModelConfig, info: DataInfo) -> NextLocMoE:

@@ -132,7 +132,8 @@ def assign_codes(model: LocationRQVAE, x_NF: torch.Tensor, s: TokenizerSettings)
     codes, quant = [], torch.zeros_like(residual)
     for lv, book in enumerate(books):
         dist = torch.cdist(residual, book) ** 2
-        c = sinkhorn_assign(dist, s.sinkhorn_eps, s.sinkhorn_iters) if lv == len(books) - 1 else dist.argmin(1)
+        last = lv == len(books) - 1
+        c = sinkhorn_assign(dist, s.sinkhorn_eps, s.sinkhorn_iters) if last else dist.argmin(1)
         codes.append(c)
         quant = quant + book[c]
         residual = residual - book[c]
@@ -157,7 +158,8 @@ def add_collision_level(codes_NL: np.ndarray) -> tuple[np.ndarray, dict]:
 
 
 def train_tokenizer(x_NF: np.ndarray, s: TokenizerSettings, log=None) -> tuple[np.ndarray, dict]:
-    """Train the RQ-VAE on all locations (deterministic under ``s.seed``) -> unique codes [N, Lv(+1)], stats."""
+    """Train the RQ-VAE on all locations (deterministic under ``s.seed``) -> unique codes [N, Lv(+1)] and
+    stats."""
     torch.manual_seed(s.seed)
     g = torch.Generator().manual_seed(s.seed)
     x = torch.from_numpy(x_NF)
@@ -176,7 +178,7 @@ def train_tokenizer(x_NF: np.ndarray, s: TokenizerSettings, log=None) -> tuple[n
             opt.step()
         if log is not None and (time.perf_counter() - last > 5 or ep == s.epochs - 1):
             last = time.perf_counter()
-            log(f"tokenizer epoch {ep + 1}/{s.epochs}: loss {float(loss):.4f} ({last - t0:.1f} s)")
+            log(f"tokenizer epoch {ep + 1}/{s.epochs}: loss {float(loss.detach()):.4f} ({last - t0:.1f} s)")
     rq, mse = assign_codes(model, x, s)
     codes, info = add_collision_level(rq)
     usage = [int(len(np.unique(codes[:, i]))) for i in range(codes.shape[1])]
