@@ -45,10 +45,13 @@ def predict_split(
     batch_size: int,
     max_samples: int = 0,
     task: str = "next",
+    stats: dict | None = None,
 ) -> dict[str, np.ndarray]:
     """Run the model over a split: pred_xy (normalised) [N,2], target_loc [N], scored / codes ranks and
     top-1 [N]. ``task="recovery"``: one record of each current window masked, it is the target (QTMOB.md)."""
     ds = TrajectoryDataset(data_dir, split)
+    if stats is not None:  # normalise inputs with other statistics (zero-shot --normalise source)
+        ds.stats = stats
     idx = eval_subset(len(ds), max_samples)
     out: dict[str, list] = {"pred_xy": [], "target_loc": [], "scored_rank": [], "scored_top1": []}
     model.eval()
@@ -65,8 +68,8 @@ def predict_split(
     return {k: np.concatenate(v) for k, v in out.items() if v}
 
 
-def _point_metrics(res: dict, data_dir: str | Path) -> dict:
-    stats, locs = load_stats(data_dir), load_locations(data_dir)
+def _point_metrics(res: dict, data_dir: str | Path, stats: dict | None = None) -> dict:
+    stats, locs = stats or load_stats(data_dir), load_locations(data_dir)
     pred_m = denormalise_xy(res["pred_xy"], stats)
     ranks, _ = rank_by_point(pred_m, locs["xy"], res["target_loc"])
     lat, lon = mercator_to_latlon(pred_m[:, 0], pred_m[:, 1])
@@ -89,14 +92,16 @@ def evaluate_model(
     max_samples: int = 0,
     with_baselines: bool = True,
     task: str = "next",
+    stats: dict | None = None,
 ) -> dict:
     """CONTRACT.md evaluate report: headline metrics of ``ranking``, every ranking under ``rankings``,
-    the baselines on the same samples under ``baselines`` (``task``: next | recovery, QTMOB.md)."""
+    the baselines on the same samples under ``baselines`` (``task``: next | recovery, QTMOB.md).
+    ``stats``: normalisation statistics other than the data set's own (zero-shot ``--normalise source``)."""
     manifest = load_manifest(data_dir)
     if manifest.get("coordinate_units", "degrees") != "degrees":
         raise ValueError(f"{data_dir}: model evaluation needs WGS84 coordinates in the location table")
-    res = predict_split(model, data_dir, split, batch_size, max_samples, task)
-    rankings = {"point": _point_metrics(res, data_dir)}
+    res = predict_split(model, data_dir, split, batch_size, max_samples, task, stats)
+    rankings = {"point": _point_metrics(res, data_dir, stats)}
     if "scored_rank" in res:
         rankings["scored"] = _scored_metrics(res, data_dir)
     if "codes_rank" in res:

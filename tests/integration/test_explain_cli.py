@@ -70,7 +70,6 @@ def test_zero_shot_candidates_are_target_locations_only(two_cities, tmp_path, mo
 
     real = ev.rank_by_point
     monkeypatch.setattr(ev, "rank_by_point", spy)
-    monkeypatch.setattr(zs, "rank_by_point", spy)
     for norm in ("target", "source"):
         out = tmp_path / f"zs_{norm}.json"
         rc = main(["evaluate", "--run", str(two_cities["run"]), "--data", str(two_cities["tgt"]), "--quiet",
