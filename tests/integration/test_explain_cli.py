@@ -58,7 +58,6 @@ def two_cities(tmp_path_factory) -> dict[str, Path]:
 
 def test_zero_shot_candidates_are_target_locations_only(two_cities, tmp_path, monkeypatch) -> None:
     import nextlocmoe.eval.evaluate as ev
-    import nextlocmoe.eval.zeroshot as zs
     from nextlocmoe.model.io import load_run
 
     tgt_xy = load_locations(two_cities["tgt"])["xy"]
