@@ -91,7 +91,10 @@ def build_ds_config(strategy_json_path: str | Path, cfg: Config, world_size: int
         want = None if world_size is None else cfg.data.batch_size * t.grad_accum * world_size
         if want is None or ds["train_batch_size"] != want:
             raise _conflict(
-                "train_batch_size", ds["train_batch_size"],
-                "data.batch_size x train.grad_accum x world size", want, path,
+                "train_batch_size",
+                ds["train_batch_size"],
+                "data.batch_size x train.grad_accum x world size",
+                want,
+                path,
             )
     return ds

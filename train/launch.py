@@ -45,7 +45,9 @@ def init_process_group(cfg: Config) -> Dist:
 
     d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     if d.world % cfg.train.ep_size:
-        raise SystemExit(f"train.ep_size={cfg.train.ep_size} must divide the world size {d.world}")
+        raise SystemExit(
+            f"train: error: train.ep_size={cfg.train.ep_size} must divide the world size {d.world}"
+        )
     if cuda:
         torch.cuda.set_device(d.local_rank)
     return d

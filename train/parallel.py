@@ -60,8 +60,14 @@ class HistoryAwareGate(TopKGate):
 
     def __init__(self, router: HistoryAwareRouter, cfg: PersonalMoEConfig, d_model: int) -> None:
         super().__init__(
-            d_model, cfg.num_experts, k=cfg.slots, min_capacity=0, noisy_gate_policy=None,
-            drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False,
+            d_model,
+            cfg.num_experts,
+            k=cfg.slots,
+            min_capacity=0,
+            noisy_gate_policy=None,
+            drop_tokens=False,
+            use_rts=False,
+            top2_2nd_expert_sampling=False,
         )
         del self.wg  # DeepSpeed's linear gate is replaced by the history-aware router
         self.router = router
@@ -87,7 +93,6 @@ class HistoryAwareGate(TopKGate):
         ids_TK, w_TK = select(probs_TE, c.routing, c.top_k, c.tau, c.k_max, c.renormalize)
         self.last = (probs_TE, ids_TK, w_TK)
         return sparse_routes_from_selection(probs_TE, ids_TK, w_TK, self.ep_group)
-
 
     def _router_fp32(self, x_TD: torch.Tensor, ctx_TC: torch.Tensor) -> torch.Tensor:
         """The router with fp32 weights even when the engine cast the module to bf16 (bf16 routers flip
@@ -212,8 +217,15 @@ class DSPersonalMoE(MoE):
         base = layer.experts.base
         d_model = base.gate_proj.in_features
         super().__init__(
-            d_model, nn.Identity(), num_experts=cfg.num_experts, ep_size=ep_size, k=1, min_capacity=0,
-            drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False,
+            d_model,
+            nn.Identity(),
+            num_experts=cfg.num_experts,
+            ep_size=ep_size,
+            k=1,
+            min_capacity=0,
+            drop_tokens=False,
+            use_rts=False,
+            top2_2nd_expert_sampling=False,
         )
         self.cfg = cfg
         self.layer_idx = layer.layer_idx

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"train: {e}", file=sys.stderr)
+        print(f"train: error: {e}", file=sys.stderr)
         return 2
     d = init_process_group(cfg)
     try:
@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
             from train.launch import final_eval
 
             final_eval(run_dir, cfg)
+    except (ValueError, FileNotFoundError) as e:  # config / strategy / data errors: one line, exit 2
+        print(f"train: error: {e}", file=sys.stderr)
+        return 2
     finally:
         shutdown()
     return 0
