@@ -164,3 +164,43 @@ def test_debug_step_is_fast(model, debug_cfg: Config) -> None:
         opt.zero_grad()
         times.append(time.perf_counter() - t)
     assert min(times) < 1.0, times  # "a training step on CPU in well under a second"
+
+
+def test_text_semantics_from_the_backbone_tokenizer(tmp_path) -> None:
+    """With a pretrained backbone + tokenizer (text_encoder=auto -> backbone), category / persona / prompt
+    embeddings are means of the backbone's own token embeddings (the reference), not MiniLM."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = sorted(
+        {w.strip(".,:;()").lower() for t in text.category_texts() + text.persona_texts(4) for w in t.split()}
+    )
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(vocab),
+        )
+    )
+    lm.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    cfg = load_config(
+        "configs/debug.yaml", [f"model.backbone.path={tmp_path / 'ckpt'}", "model.text_encoder=auto"]
+    )
+    m = build_model(cfg.model, DataInfo(torch.randn(L, 2), 1000.0))
+    emb = lm.model.embed_tokens.weight
+    want = torch.stack(
+        [emb[tok(t, add_special_tokens=False)["input_ids"]].mean(0) for t in text.persona_texts(4)]
+    )
+    assert torch.allclose(m.moe_layers()[0].router.persona_EP, want, atol=1e-6)
+    assert torch.equal(
+        m.prompt_ids, tok(cfg.model.prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    )
