@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,6 +29,10 @@ def _slurm_env() -> None:
 
 def init_process_group(cfg: Config) -> Dist:
     _slurm_env()
+    # DeepSpeed 0.19.8's ZeRO calls the deprecated all_gather_into_tensor every step: one warning per rank
+    warnings.filterwarnings(
+        "ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning
+    )
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
