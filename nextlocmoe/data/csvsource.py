@@ -19,7 +19,7 @@ from nextlocmoe.data.parsing import (
     read_csv_columns,
     sha256_file,
 )
-from nextlocmoe.data.sources import RecordTable, _apply_reasons, valid_latlon
+from nextlocmoe.data.sources import RecordTable, _apply_reasons, note_drops, valid_latlon
 
 WEEK_MIN = 7 * 1440
 
@@ -71,6 +71,8 @@ def read_csv_source(source: Path, spec: CsvSpec) -> RecordTable:
     path = _csv_path(source)
     c = read_csv_columns(path, spec.columns())
     raw, dropped = c.cols, Counter({"malformed_row": c.n_malformed})
+    examples: dict[str, list[str]] = {}
+    note_drops(examples, "malformed_row", f"{path.name}:", c.malformed_lines)
     user, venue = raw[spec.user_col], raw[spec.venue_col]
     reasons = [("missing_field", (np.char.str_len(user) == 0) | (np.char.str_len(venue) == 0))]
     if spec.time_col:
@@ -89,7 +91,7 @@ def read_csv_source(source: Path, spec: CsvSpec) -> RecordTable:
     if spec.duration_col:
         dur, ok_d = parse_float(raw[spec.duration_col])
         reasons.append(("bad_duration", ~(ok_d & (dur >= 0))))
-    keep = _apply_reasons(reasons, dropped, len(user))
+    keep = _apply_reasons(reasons, dropped, len(user), examples, (f"{path.name}:", c.lines))
     if not keep.any():
         raise DataError(f"{path}: no usable rows (dropped: {dict(dropped)})")
     if spec.time_col:
@@ -109,6 +111,7 @@ def read_csv_source(source: Path, spec: CsvSpec) -> RecordTable:
         hour=hour,
         input_rows=c.n_rows,
         dropped=dropped,
+        drop_examples=examples,
         source_sha256={path.name: sha256_file(path)},
         time_origin=origin,
         dur_min=None if dur is None else dur[keep],

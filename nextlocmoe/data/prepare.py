@@ -107,6 +107,7 @@ def _manifest(
         "records": int(len(rec["t_min"])),
         "samples": {k: int(len(v)) for k, v in prep.samples.items()},
         "dropped": {k: int(v) for k, v in sorted(prep.dropped.items())},
+        "drop_examples": {k: v for k, v in sorted(table.drop_examples.items()) if v},
         "time_origin": table.time_origin,
         "history": history,
         "current": current,

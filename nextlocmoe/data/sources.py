@@ -54,6 +54,7 @@ class RecordTable:
     split: np.ndarray | None = None
     coordinate_units: str = "degrees"
     extra: dict = field(default_factory=dict)
+    drop_examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first "file:line" rows
 
     def __len__(self) -> int:
         return len(self.t_min)
@@ -100,7 +101,10 @@ def read_fsq_nyc(source: Path, origin: str = FSQ_NYC_ORIGIN, tz: str = FSQ_NYC_T
         ("bad_coordinate", ~valid_latlon(lat, lon)),
         ("unparsable_time", t < 0),
     ]
-    keep = _apply_reasons(reasons, dropped, len(t))
+    examples: dict[str, list[str]] = {}
+    keep = _apply_reasons(
+        reasons, dropped, len(t), examples, (f"{checkins_path.name} row ", np.arange(len(t)))
+    )
     origin_dt = datetime.fromisoformat(origin)
     origin_utc_min = int(origin_dt.timestamp() // 60)
     weekday, hour = local_weekday_hour(t[keep] + origin_utc_min, tz)
@@ -124,16 +128,36 @@ def read_fsq_nyc(source: Path, origin: str = FSQ_NYC_ORIGIN, tz: str = FSQ_NYC_T
         input_rows=len(t),
         dropped=dropped,
         source_sha256={p.name: sha256_file(p) for p in (checkins_path, poi_path)},
+        drop_examples=examples,
         time_origin=time_origin,
     )
 
 
-def _apply_reasons(reasons: list[tuple[str, np.ndarray]], dropped: Counter, n: int) -> np.ndarray:
-    """Count each row under its FIRST failing reason; returns the [n] bool keep mask."""
+MAX_DROP_EXAMPLES = 5
+
+
+def note_drops(examples: dict[str, list[str]], reason: str, where: str, rows) -> None:
+    """Remember the first few dropped rows of a reason as 'file:line' (or 'file row i') for the manifest."""
+    have = examples.setdefault(reason, [])
+    for r in list(rows)[: max(0, MAX_DROP_EXAMPLES - len(have))]:
+        have.append(f"{where}{int(r)}")
+
+
+def _apply_reasons(
+    reasons: list[tuple[str, np.ndarray]],
+    dropped: Counter,
+    n: int,
+    examples: dict[str, list[str]] | None = None,
+    where: tuple[str, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Count each row under its FIRST failing reason; returns the [n] bool keep mask. With ``where`` =
+    (prefix, [n] line/row numbers) the first dropped rows of each reason are noted in ``examples``."""
     keep = np.ones(n, dtype=bool)
     for name, bad in reasons:
         hit = keep & bad
         dropped[name] += int(hit.sum())
+        if examples is not None and where is not None and hit.any():
+            note_drops(examples, name, where[0], where[1][hit])
         keep &= ~bad
     return keep
 
@@ -151,12 +175,14 @@ def read_llmmob(source: Path, dataset: str) -> RecordTable:
     required = ["user_id", "location_id", "start_day", "start_min", "weekday"] + extra_cols
     parts: list[dict[str, np.ndarray]] = []
     dropped: Counter = Counter()
+    examples: dict[str, list[str]] = {}
     input_rows = 0
     for path, code in zip(paths, SPLIT_CODES.values(), strict=True):
         c = read_csv_columns(path, required)
         input_rows += c.n_rows
         dropped["malformed_row"] += c.n_malformed
-        part = _parse_llmmob_part(c.cols, dataset, dropped)
+        note_drops(examples, "malformed_row", f"{path.name}:", c.malformed_lines)
+        part = _parse_llmmob_part(c.cols, dataset, dropped, examples, (f"{path.name}:", c.lines))
         part["split"] = np.full(len(part["t_min"]), code, dtype=np.int8)
         parts.append(part)
     cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -175,6 +201,7 @@ def read_llmmob(source: Path, dataset: str) -> RecordTable:
         input_rows=input_rows,
         dropped=dropped,
         source_sha256={p.name: sha256_file(p) for p in paths},
+        drop_examples=examples,
         time_origin=f"t_min = start_day * 1440 + start_min, minutes since {origin}; weekday from the file's "
         "weekday column, hour = start_min // 60 (local time of the source)",
         dur_min=cols.get("dur"),
@@ -184,7 +211,9 @@ def read_llmmob(source: Path, dataset: str) -> RecordTable:
     return table
 
 
-def _parse_llmmob_part(raw: dict[str, np.ndarray], dataset: str, dropped: Counter) -> dict[str, np.ndarray]:
+def _parse_llmmob_part(
+    raw: dict[str, np.ndarray], dataset: str, dropped: Counter, examples: dict, where: tuple
+) -> dict[str, np.ndarray]:
     user, ok_u = parse_int(raw["user_id"])
     venue, ok_v = parse_int(raw["location_id"])
     day, ok_d = parse_int(raw["start_day"])
@@ -202,7 +231,7 @@ def _parse_llmmob_part(raw: dict[str, np.ndarray], dataset: str, dropped: Counte
         dur, ok_dur = parse_float(raw["duration"])
         reasons.append(("bad_duration", ~(ok_dur & (dur >= 0))))
         out["dur"] = dur
-    keep = _apply_reasons(reasons, dropped, len(user))
+    keep = _apply_reasons(reasons, dropped, len(user), examples, where)
     out.update(user=user, venue=venue, t_min=day * 1440 + minute, weekday=weekday.astype(np.int8))
     out["hour"] = (minute // 60).astype(np.int8)
     return {k: v[keep] for k, v in out.items()}

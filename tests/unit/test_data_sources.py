@@ -95,6 +95,9 @@ def test_llmmob_bad_coordinate_and_garbled_time(llmmob_nyc_dir: Path) -> None:
     t = read_llmmob(llmmob_nyc_dir, "llmmob-fsq-nyc")
     assert t.dropped["bad_coordinate"] == 1 and t.dropped["unparsable_time"] == 1
     assert _total(t) == 40
+    # the manifest names the dropped rows by file and line
+    assert t.drop_examples["bad_coordinate"] == ["foursquare_train.csv:3"]
+    assert t.drop_examples["unparsable_time"] == ["foursquare_train.csv:4"]
 
 
 def test_llmmob_truncated_last_line(llmmob_nyc_dir: Path) -> None:
@@ -103,6 +106,8 @@ def test_llmmob_truncated_last_line(llmmob_nyc_dir: Path) -> None:
     f.write_text(text[: text.rfind(",") - 3])  # cut in the middle of the last row, no newline
     t = read_llmmob(llmmob_nyc_dir, "llmmob-fsq-nyc")
     assert t.dropped["malformed_row"] == 1 and _total(t) == 40
+    n_lines = len(text.splitlines())
+    assert t.drop_examples["malformed_row"] == [f"foursquare_test.csv:{n_lines}"]
 
 
 def test_llmmob_missing_column_names_file_and_field(llmmob_nyc_dir: Path) -> None:
