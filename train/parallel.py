@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from deepspeed.utils import groups
 from torch import nn
 
 from nextlocmoe.config import PersonalMoEConfig
-from nextlocmoe.model.expert_ckpt import gather_deepspeed_state, to_local_key
+from nextlocmoe.model.expert_ckpt import LORA_KEY, gather_deepspeed_state, to_local_key
 from nextlocmoe.model.experts import LoRAExpert, expert_ffn
 from nextlocmoe.model.personal_moe import PersonalMoE
 from nextlocmoe.model.routing import HistoryAwareRouter, RoutingAux, select
@@ -331,8 +330,8 @@ def expert_load(aux_list: list[RoutingAux], group: Any = None, reduce: bool = Fa
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoint conversion (any ep_size -> single-device PersonalMoE names)
 
-# The DSPersonalMoE LoRA key layout (local slot index here; global expert id in DeepSpeed's expert files).
-_LORA_KEY = re.compile(r"^(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)$")
+# LORA_KEY (expert_ckpt.py): the DSPersonalMoE LoRA key layout (local slot index in this module's state dict;
+# global expert id in DeepSpeed's expert files).
 
 
 def gather_expert_state(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, torch.Tensor]:
@@ -348,7 +347,7 @@ def single_device_state(model: nn.Module) -> dict[str, torch.Tensor]:
     layers = {n: m for n, m in model.named_modules() if isinstance(m, DSPersonalMoE)}
     out = {}
     for key, value in model.state_dict().items():
-        m = _LORA_KEY.match(key)
+        m = LORA_KEY.match(key)
         if m and m.group(1) in layers:
             gid = layers[m.group(1)].expert_ids[int(m.group(2))]
             key = f"{m.group(1)}.deepspeed_moe.experts.deepspeed_experts.{gid}.{m.group(3)}"
@@ -363,7 +362,7 @@ def scatter_expert_state(local_state: dict[str, torch.Tensor], model: nn.Module)
     own = model.state_dict()
     layers = {n: m for n, m in model.named_modules() if isinstance(m, DSPersonalMoE)}
     for key in own:
-        m = _LORA_KEY.match(key)
+        m = LORA_KEY.match(key)
         if m and m.group(1) in layers:
             gid = layers[m.group(1)].expert_ids[int(m.group(2))]
             out[key] = local_state[f"{m.group(1)}.experts.lora.{gid}.{m.group(3)}"]

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 _EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
-_LORA_KEY = re.compile(r"^(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)$")
+LORA_KEY = re.compile(r"^(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)$")
 
 
 def to_local_key(key: str) -> str:
     """One expert-parallel state-dict key (global expert id) -> the PersonalMoE key; others unchanged."""
-    m = _LORA_KEY.match(key)
+    m = LORA_KEY.match(key)
     if m:
         return f"{m.group(1)}.experts.lora.{m.group(2)}.{m.group(3)}"
     key = key.replace(".deepspeed_moe.gate.router.", ".router.")
