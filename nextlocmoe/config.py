@@ -209,7 +209,6 @@ class TrainConfig:
     zero_stage: int = 2
     log_every: int = 10
     ckpt_every: int = 100
-    eval_every: int = 0  # 0 = only at the end
     max_eval_samples: int = 0  # 0 = all
 
     def __post_init__(self) -> None:

@@ -76,12 +76,12 @@ def build_engine(cfg: Config, ds_json: str, d: Dist):
     from train.ds_config import build_ds_config
     from train.parallel import check_strategy, model_has_moe, moe_param_groups, parallelize
 
+    ds_cfg = build_ds_config(ds_json, cfg, d.world)  # strategy conflicts fail before the model is built
     torch.manual_seed(cfg.train.seed)
     info = data_info_from_dir(cfg.data.dir)
     model = build_model(cfg.model, info)
     model = parallelize(model, cfg.train.ep_size)
     check_strategy(cfg.train.zero_stage, model_has_moe(model))
-    ds_cfg = build_ds_config(ds_json, cfg, d.world)
     groups = moe_param_groups(model, cfg.train.lr, cfg.train.weight_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))

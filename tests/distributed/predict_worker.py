@@ -1,6 +1,12 @@
-"""Worker (torchrun, any world size): rebuild a run's DeepSpeed engine at the run's ep_size, load its newest
-checkpoint with engine.load_checkpoint, predict a fixed batch of test samples; rank 0 saves the
-predictions to OUT (.pt). Used to compare expert-parallel predictions with the single-device reload."""
+"""Worker (torchrun, any world size): rebuild a run's DeepSpeed engine, load the run's newest checkpoint,
+predict a fixed batch of test samples; rank 0 saves the predictions to OUT (.pt).
+
+    predict_worker.py RUN_DIR DS_JSON OUT            engine at the run's own ep_size, engine.load_checkpoint
+    predict_worker.py RUN_DIR DS_JSON OUT EP_SIZE    engine at another ep_size (e.g. 1 on one rank), weights
+                                                     from the gathered single-device state mapped to this
+                                                     rank's layout by train.parallel.scatter_expert_state
+
+Used to compare expert-parallel / re-partitioned predictions with the single-device reload (load_run)."""
 
 from __future__ import annotations
 
@@ -18,22 +24,33 @@ from nextlocmoe.model.io import load_run_config, newest_checkpoint  # noqa: E402
 from train.launch import init_process_group, shutdown  # noqa: E402
 from train.loop import build_engine  # noqa: E402
 
+SAMPLES = np.arange(0, 400, 25)  # the fixed test samples the tests compare on
+
 
 def main() -> None:
     run_dir, ds_json, out = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     cfg = load_run_config(run_dir)
+    ep_size = int(sys.argv[4]) if len(sys.argv) > 4 else cfg.train.ep_size
+    remap = ep_size != cfg.train.ep_size
+    cfg.train.ep_size = ep_size
     d = init_process_group(cfg)
     try:
         engine, _ = build_engine(cfg, ds_json, d)
         ckpt = newest_checkpoint(run_dir)
-        engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=False)
+        if remap:
+            from train.parallel import gather_expert_state, scatter_expert_state
+
+            state = scatter_expert_state(gather_expert_state(ckpt.parent, ckpt.name), engine.module)
+            engine.module.load_state_dict(state, strict=True)
+        else:
+            engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=False)
         engine.eval()
-        batch = collate(TrajectoryDataset(cfg.data.dir, "test").get_batch(np.arange(0, 400, 25)))
+        batch = collate(TrajectoryDataset(cfg.data.dir, "test").get_batch(SAMPLES))
         with torch.no_grad():
             pred, aux = engine(batch)
         if d.is_main:
             ids = [a.ids_TK for a in aux.personal]
-            torch.save({"xy": pred.xy, "scores": pred.scores, "ids": ids}, out)
+            torch.save({"xy": pred.xy, "scores": pred.scores, "ids": ids, "ep_size": ep_size}, out)
     finally:
         shutdown()
 
