@@ -210,6 +210,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100
     max_eval_samples: int = 0  # 0 = all
+    init_from: str = ""  # run or checkpoint folder: start from its weights (any ep_size), not a resume
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps must be >= 1")

@@ -21,9 +21,9 @@ import torch
 
 from nextlocmoe.config import Config, save_config
 from nextlocmoe.data.store import TrajectoryDataset, collate
-from nextlocmoe.model.io import RunError, data_info_from_dir, newest_checkpoint
+from nextlocmoe.model.io import RunError, checkpoint_dir, data_info_from_dir, load_weights, newest_checkpoint
 from nextlocmoe.model.loss import compute_loss
-from nextlocmoe.model.nextlocmoe import build_model
+from nextlocmoe.model.nextlocmoe import DataInfo, NextLocMoE, build_model
 
 
 @dataclass
@@ -69,6 +69,16 @@ def lr_lambda(cfg: Config):
     return f
 
 
+def init_weights(model: NextLocMoE, path: str, info: DataInfo, d: Dist) -> None:
+    """``train.init_from``: a run's weights (any saved ep_size / world size; another data set's per-location
+    embeddings skipped) into the single-device model, before it is split into expert-parallel layers."""
+    ckpt = checkpoint_dir(path)
+    foreign = load_weights(model, ckpt, info)
+    if d.is_main:
+        note = " (another data set's location table: per-location embeddings skipped)" if foreign else ""
+        print(f"train: initialised from {ckpt}{note}", flush=True)
+
+
 def build_engine(cfg: Config, ds_json: str, d: Dist):
     """Model (single-device code) -> expert-parallel DeepSpeed-MoE layers -> deepspeed.initialize."""
     import deepspeed
@@ -80,6 +90,8 @@ def build_engine(cfg: Config, ds_json: str, d: Dist):
     torch.manual_seed(cfg.train.seed)
     info = data_info_from_dir(cfg.data.dir)
     model = build_model(cfg.model, info)
+    if cfg.train.init_from:
+        init_weights(model, cfg.train.init_from, info, d)
     model = parallelize(model, cfg.train.ep_size)
     check_strategy(cfg.train.zero_stage, model_has_moe(model))
     groups = moe_param_groups(model, cfg.train.lr, cfg.train.weight_decay)

@@ -97,6 +97,33 @@ def foreign_locations(state: dict[str, torch.Tensor], info: DataInfo) -> bool:
     return saved.shape != xy.shape or not torch.allclose(saved.float(), xy, atol=1e-4)
 
 
+def checkpoint_dir(path: str | Path) -> Path:
+    """``path`` as a checkpoint folder: a training run folder gives its newest complete checkpoint; a
+    ``step<N>`` folder with its COMPLETE marker is taken as it is."""
+    path = Path(path)
+    if (path / "COMPLETE").is_file():
+        return path
+    if (path / "checkpoints").is_dir() or (path / "config.yaml").is_file():
+        return newest_checkpoint(path)
+    raise RunError(f"{path}: neither a training run folder (config.yaml, checkpoints/) nor a complete "
+                   "checkpoint folder (checkpoints/step<N>/ with COMPLETE)")  # fmt: skip
+
+
+def load_weights(model: NextLocMoE, ckpt: str | Path, info: DataInfo) -> bool:
+    """Load a checkpoint folder saved with any ep_size into the single-device ``model`` built on ``info``'s
+    data. When the checkpoint's scored head belongs to another location table (another data set) its
+    per-location entries (LOCATION_KEYS) are skipped and the model keeps its own; returns True then.
+    A checkpoint of another model shape raises RunError naming the folder."""
+    state = read_model_state(ckpt)
+    foreign = model.scored is not None and foreign_locations(state, info)
+    try:
+        load_model_state(model, ckpt, state, skip=LOCATION_KEYS if foreign else ())
+    except RuntimeError as e:  # size mismatches: another model config
+        detail = " ".join(str(e).split())[:300]
+        raise RunError(f"{ckpt}: checkpoint does not fit this model config ({detail})") from None
+    return foreign
+
+
 def load_run(
     run_dir: str | Path,
     data_dir: str | Path | None = None,
@@ -117,10 +144,7 @@ def load_run(
     stats_dir = cfg.data.dir if normalise == "source" else None
     info = data_info_from_dir(data_dir or cfg.data.dir, stats_dir)
     model = build_model(cfg.model, info)
-    ckpt = ckpt or newest_checkpoint(run_dir)
-    state = read_model_state(ckpt)
-    foreign = model.scored is not None and foreign_locations(state, info)
-    load_model_state(model, ckpt, state, skip=LOCATION_KEYS if foreign else ())
+    foreign = load_weights(model, ckpt or newest_checkpoint(run_dir), info)
     model.location_transfer = None
     if foreign:
         with torch.no_grad():

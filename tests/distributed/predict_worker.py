@@ -2,9 +2,9 @@
 predict a fixed batch of test samples; rank 0 saves the predictions to OUT (.pt).
 
     predict_worker.py RUN_DIR DS_JSON OUT            engine at the run's own ep_size, engine.load_checkpoint
-    predict_worker.py RUN_DIR DS_JSON OUT EP_SIZE    engine at another ep_size (e.g. 1 on one rank), weights
-                                                     from the gathered single-device state mapped to this
-                                                     rank's layout by train.parallel.scatter_expert_state
+    predict_worker.py RUN_DIR DS_JSON OUT EP_SIZE    engine at another ep_size (e.g. 1 on one rank) built
+                                                     with train.init_from=RUN_DIR (the fine-tuning path:
+                                                     weights read single-device, then parallelized)
 
 Used to compare expert-parallel / re-partitioned predictions with the single-device reload (load_run)."""
 
@@ -33,16 +33,13 @@ def main() -> None:
     ep_size = int(sys.argv[4]) if len(sys.argv) > 4 else cfg.train.ep_size
     remap = ep_size != cfg.train.ep_size
     cfg.train.ep_size = ep_size
+    if remap:
+        cfg.train.init_from = str(run_dir)
     d = init_process_group(cfg)
     try:
         engine, _ = build_engine(cfg, ds_json, d)
-        ckpt = newest_checkpoint(run_dir)
-        if remap:
-            from train.parallel import gather_expert_state, scatter_expert_state
-
-            state = scatter_expert_state(gather_expert_state(ckpt.parent, ckpt.name), engine.module)
-            engine.module.load_state_dict(state, strict=True)
-        else:
+        if not remap:
+            ckpt = newest_checkpoint(run_dir)
             engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=False)
         engine.eval()
         batch = collate(TrajectoryDataset(cfg.data.dir, "test").get_batch(SAMPLES))

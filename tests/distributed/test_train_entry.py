@@ -5,8 +5,8 @@ of train/train.py exactly as a user runs it:
    the loss curve and ends on the same weights as the uninterrupted run;
 2. two "nodes" on loopback (two torchrun calls, --nnodes 2) train the same job as one node with 2 processes;
 3. a checkpoint saved with ep_size=2 reloads on one device (ep_size=1): it reproduces the run's eval.json, and
-   its predictions equal the ep_size=2 engine's and those of an ep_size=1 engine built from the gathered
-   state (train.parallel.scatter_expert_state) on one rank;
+   its predictions equal the ep_size=2 engine's and those of an ep_size=1 engine on one rank built with
+   ``train.init_from`` (fine-tuning from another ep_size), and a 1-rank fine-tuning job starts from it;
 4. start-up errors are one line, non-zero, and come before any training;
 5. the deepspeed launcher (``deepspeed --num_gpus 2`` on CPU) trains the same job.
 
@@ -228,7 +228,7 @@ def test_ep2_checkpoint_reloads_on_one_device(reference: Path, tmp_path: Path) -
     assert json.loads(json.dumps(report)) == written
     pred, aux = _predict(model, cfg.data.dir)
     # (b) the same predictions as the ep_size=2 engine on 2 ranks (engine.load_checkpoint), and
-    # (c) as an ep_size=1 engine on one rank, weights = gathered state -> scatter_expert_state
+    # (c) as an ep_size=1 engine on one rank built with train.init_from=<the ep_size=2 run>
     worker = "tests/distributed/predict_worker.py"
     for nproc, extra in ((2, []), (1, ["1"])):
         out = tmp_path / f"pred{nproc}.pt"
@@ -241,6 +241,38 @@ def test_ep2_checkpoint_reloads_on_one_device(reference: Path, tmp_path: Path) -
         assert torch.allclose(pred.scores, eng["scores"], atol=1e-4), diff
         for a, ids in zip(aux.personal, eng["ids"], strict=True):
             assert torch.equal(a.ids_TK, ids.to(a.ids_TK.dtype))  # same experts chosen for every token
+
+
+def test_fine_tune_from_another_ep_size(nyc: Path, reference: Path, tmp_path: Path) -> None:
+    """``train.init_from=<the ep_size=2 run>`` on one rank at ep_size=1: a new run (steps from 1, fresh
+    optimizer) that starts from the reference's final weights, so its first logged loss is the reloaded
+    single-device model's loss on the same first batch."""
+    from nextlocmoe.model.io import load_run_config
+    from nextlocmoe.model.loss import compute_loss
+    from nextlocmoe.model.nextlocmoe import build_model
+    from train.loop import Dist, StepBatches
+
+    args = job(nyc, tmp_path, "ft", "train.ep_size=1", f"train.init_from={reference}", "train.steps=2")
+    p = run(torchrun("--standalone", "--nproc_per_node=1", *args))
+    ok(p)
+    ckpt = reference / "checkpoints" / f"step{STEPS}"
+    assert f"train: initialised from {ckpt}" in p.stdout, p.stdout[-2000:]
+    ft = tmp_path / "ft"
+    assert load_run_config(ft).train.init_from == str(reference)  # the resolved config records it
+    got = losses(ft)
+    assert sorted(got) == [1, 2]
+    cfg, model, info = load_run(reference)
+    batch = StepBatches(TrajectoryDataset(nyc, "train"), 8, Dist(0, 1, 0), cfg.train.seed)(0)
+    with torch.no_grad():
+        pred, aux = model.train()(batch)
+        want = compute_loss(pred, aux, batch, cfg.loss, info.xy_std_m).total.item()
+    assert got[1] == pytest.approx(want, rel=1e-5), (got[1], want)
+    torch.manual_seed(cfg.train.seed)  # the same job without init_from would start from these weights
+    fresh = build_model(cfg.model, info).train()
+    with torch.no_grad():
+        pred, aux = fresh(batch)
+        cold = compute_loss(pred, aux, batch, cfg.loss, info.xy_std_m).total.item()
+    assert abs(cold - want) > 0.01 * abs(want), (cold, want)
 
 
 ZERO3 = "Native DeepSpeed MoE is not supported with ZeRO Stage 3"

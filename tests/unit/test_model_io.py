@@ -1,0 +1,66 @@
+"""Weights from a checkpoint folder into the single-device model (nextlocmoe.model.io): the path behind
+``train.init_from`` (fine-tuning) and ``load_run`` (evaluate / export / explain)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from nextlocmoe.model.io import CONSOLIDATED, LOCATION_KEYS, RunError, checkpoint_dir, load_weights
+from nextlocmoe.model.nextlocmoe import DataInfo, build_model
+
+
+def _checkpoint(model: torch.nn.Module, root: Path, step: int = 3) -> Path:
+    """A run folder with one complete checkpoint holding the consolidated single-device state."""
+    ckpt = root / "checkpoints" / f"step{step}"
+    ckpt.mkdir(parents=True)
+    torch.save(model.state_dict(), ckpt / CONSOLIDATED)
+    (ckpt / "COMPLETE").write_text("{}")
+    return ckpt
+
+
+def test_checkpoint_dir_resolves_run_and_checkpoint_folders(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for step in (2, 10):
+        (run / "checkpoints" / f"step{step}").mkdir(parents=True)
+        (run / "checkpoints" / f"step{step}" / "COMPLETE").write_text("{}")
+    (run / "checkpoints" / "step20").mkdir()  # torn write: no COMPLETE marker
+    assert checkpoint_dir(run) == run / "checkpoints" / "step10"
+    assert checkpoint_dir(run / "checkpoints" / "step2") == run / "checkpoints" / "step2"
+    with pytest.raises(RunError, match="neither a training run folder"):
+        checkpoint_dir(tmp_path / "nothing")
+    with pytest.raises(RunError, match="neither a training run folder"):
+        checkpoint_dir(run / "checkpoints" / "step20")
+
+
+def test_load_weights_same_and_other_location_table(debug_cfg, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    src = build_model(debug_cfg.model, DataInfo(torch.randn(40, 2), 1000.0))
+    ckpt = _checkpoint(src, tmp_path / "run")
+    want = src.state_dict()
+
+    torch.manual_seed(1)  # another init: every loaded tensor must change to the source's
+    same = build_model(debug_cfg.model, DataInfo(src.scored.loc_xy_L2.clone(), 1000.0))
+    assert load_weights(same, ckpt, DataInfo(src.scored.loc_xy_L2.clone(), 1000.0)) is False
+    for k, v in same.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+    torch.manual_seed(1)
+    other_info = DataInfo(torch.randn(25, 2), 1000.0)  # another data set: 25 locations
+    other = build_model(debug_cfg.model, other_info)
+    own = {k: v.clone() for k, v in other.state_dict().items() if k in LOCATION_KEYS}
+    assert load_weights(other, ckpt, other_info) is True
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, own[k] if k in LOCATION_KEYS else want[k]), k
+
+
+def test_load_weights_of_another_model_shape_names_the_folder(debug_cfg, tmp_path: Path) -> None:
+    info = DataInfo(torch.randn(30, 2), 1000.0)
+    ckpt = _checkpoint(build_model(debug_cfg.model, info), tmp_path / "run")
+    wider = copy.deepcopy(debug_cfg.model)
+    wider.personal_moe.lora_r = 8
+    with pytest.raises(RunError, match=r"step3: checkpoint does not fit this model config"):
+        load_weights(build_model(wider, info), ckpt, info)
