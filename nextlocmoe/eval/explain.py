@@ -257,50 +257,74 @@ def summarise(
         "overall": {"persona": [], "function": None},
         "users": {},
     }
-    layer_mix = []
+    persona_stab = []
     for li in range(n_layers):
         pr, ids, w = raw["per_probs"][li], raw["per_ids"][li], raw["per_w"][li]
         st = mix_stats(pr[mask], ids[mask], w[mask])
-        mixes = sample_mixes(pr, mask)
-        stab = user_stability(mixes, raw["user"])
+        stab = user_stability(sample_mixes(pr, mask), raw["user"])
         st["stability_js"] = _mean_multi(stab, users, counts)
         rep["overall"]["persona"].append({"layer": li, **st})
-        layer_mix.append((mixes, stab))
-    has_sem = raw.get("sem_probs") is not None
-    if has_sem:
-        sp, si, sw = raw["sem_probs"], raw["sem_ids"], raw["sem_w"]
-        E_s = sp.shape[-1]
-        st = mix_stats(sp.reshape(-1, E_s), si.reshape(-1, si.shape[-1]), sw.reshape(-1, sw.shape[-1]))
-        sem_mix = sp.mean(1)
-        sem_stab = user_stability(sem_mix, raw["user"])
+        persona_stab.append(stab)
+    sem_stab = None
+    if raw.get("sem_probs") is not None:
+        st = _sem_stats(raw, slice(None))
+        sem_stab = user_stability(raw["sem_probs"].mean(1), raw["user"])
         st["stability_js"] = _mean_multi(sem_stab, users, counts)
         rep["overall"]["function"] = st
-        rep["function_by_hour"] = function_by_hour(sp, si, raw["cur_hour"])
+        rep["function_by_hour"] = function_by_hour(raw["sem_probs"], raw["sem_ids"], raw["cur_hour"])
     for u, c in zip(users, counts, strict=True):
-        sel = raw["user"] == u
-        entry: dict = {"n_samples": int(c), "persona": [], "function": None}
-        if user_ids is not None:
-            entry["original_id"] = _jsonable(user_ids[u])
-        for li in range(n_layers):
-            pr, ids, w = (a[li][sel] for a in (raw["per_probs"], raw["per_ids"], raw["per_w"]))
-            m = mask[sel]
-            st = mix_stats(pr[m], ids[m], w[m])
-            st["stability_js"] = layer_mix[li][1][int(u)]
-            entry["persona"].append(st)
-        if has_sem:
-            st = mix_stats(sp[sel].reshape(-1, E_s), si[sel].reshape(-1, si.shape[-1]),
-                           sw[sel].reshape(-1, sw.shape[-1]))  # fmt: skip
-            st["stability_js"] = sem_stab[int(u)]
-            entry["function"] = st
-        rep["users"][str(int(u))] = entry
-    # the figures behind every plot
-    order = users[np.argsort(-counts, kind="stable")][:top_users]
-    rep["figures"] = {
+        rep["users"][str(int(u))] = _user_entry(raw, mask, int(u), int(c), persona_stab, sem_stab, user_ids)
+    rep["figures"] = _figures(rep, users[np.argsort(-counts, kind="stable")][:top_users], n_layers)
+    if sem_stab is not None and categories_L is not None and any(str(c) for c in categories_L):
+        rep["category_agreement"] = _category_section(raw, categories_L, seed)
+        if "agreement" in rep["category_agreement"]:
+            rep["figures"]["category_confusion"] = {
+                "rows": "venue function group", "cols": "top function expert", "names": list(FUNCTION_NAMES),
+                "counts": rep["category_agreement"].get("confusion_group_by_expert"),
+            }  # fmt: skip
+    else:
+        rep["category_agreement"] = {"skipped": "the data set has no venue categories (or no semantic MoE)"}
+    return rep
+
+
+def _sem_stats(raw: dict, sel: np.ndarray | slice) -> dict:
+    """mix_stats of the function (semantic) MoE over every current record of the samples ``sel``."""
+    sp, si, sw = raw["sem_probs"][sel], raw["sem_ids"][sel], raw["sem_w"][sel]
+    return mix_stats(sp.reshape(-1, sp.shape[-1]), si.reshape(-1, si.shape[-1]), sw.reshape(-1, sw.shape[-1]))
+
+
+def _user_entry(
+    raw: dict,
+    mask: np.ndarray | None,
+    u: int,
+    n: int,
+    persona_stab: list[dict[int, float]],
+    sem_stab: dict[int, float] | None,
+    user_ids: np.ndarray | None,
+) -> dict:
+    """One user's part of the report: persona mix per layer and function mix, each with its stability."""
+    sel = raw["user"] == u
+    entry: dict = {"n_samples": n, "persona": [], "function": None}
+    if user_ids is not None:
+        entry["original_id"] = _jsonable(user_ids[u])
+    for li, stab in enumerate(persona_stab):
+        pr, ids, w = (a[li][sel] for a in (raw["per_probs"], raw["per_ids"], raw["per_w"]))
+        m = mask[sel]
+        entry["persona"].append({**mix_stats(pr[m], ids[m], w[m]), "stability_js": stab[u]})
+    if sem_stab is not None:
+        entry["function"] = {**_sem_stats(raw, sel), "stability_js": sem_stab[u]}
+    return entry
+
+
+def _figures(rep: dict, order: np.ndarray, n_layers: int) -> dict:
+    """The figures behind every plot (users in ``order`` for the heatmap)."""
+    fn = rep["overall"]["function"]
+    figs = {
         "persona_heatmap": {
             "value": "mean router probability over the pooled tokens",
             "users": [int(u) for u in order],
             "n_samples": [rep["users"][str(int(u))]["n_samples"] for u in order],
-            "experts": persona_names,
+            "experts": rep["persona_experts"],
             "layers": [
                 [rep["users"][str(int(u))]["persona"][li]["mean_prob"] for u in order]
                 for li in range(n_layers)
@@ -310,31 +334,28 @@ def summarise(
             "value": "share of selected (token, slot) pairs per expert; uniform = 1/E",
             "persona_layers": [x["load"] for x in rep["overall"]["persona"]],
             "persona_load_cv": [x["load_cv"] for x in rep["overall"]["persona"]],
-            "function": rep["overall"]["function"]["load"] if has_sem else None,
-            "function_load_cv": rep["overall"]["function"]["load_cv"] if has_sem else None,
+            "function": fn["load"] if fn else None,
+            "function_load_cv": fn["load_cv"] if fn else None,
         },
     }
-    if has_sem:
-        rep["figures"]["function_by_hour"] = rep["function_by_hour"]
-    if has_sem and categories_L is not None and any(str(c) for c in categories_L):
-        groups_L = venue_groups(categories_L)
-        top_R = si[..., 0].reshape(-1)  # top-1 = highest probability (stable ties: lower id)
-        grp_R = groups_L[raw["cur_loc"].reshape(-1)]
-        agr = category_agreement(top_R, grp_R, E_s, seed)
-        seen = sorted({str(c) for c in categories_L if str(c)})
-        agr["records"] = "every current-window record of every sample (a record in several samples' windows "
-        agr["records"] += "counts once per sample: each is a separate routing decision with its own history)"
-        agr["mapping"] = {c: CATEGORY_TO_FUNCTION.get(c) for c in seen}
-        agr["judgement_calls"] = {c: v for c, v in JUDGEMENT_CALLS.items() if c in seen}
-        rep["category_agreement"] = agr
-        if "agreement" in agr:
-            rep["figures"]["category_confusion"] = {
-                "rows": "venue function group", "cols": "top function expert",
-                "names": list(FUNCTION_NAMES), "counts": agr.get("confusion_group_by_expert"),
-            }  # fmt: skip
-    else:
-        rep["category_agreement"] = {"skipped": "the data set has no venue categories (or no semantic MoE)"}
-    return rep
+    if fn:
+        figs["function_by_hour"] = rep["function_by_hour"]
+    return figs
+
+
+def _category_section(raw: dict, categories_L: np.ndarray, seed: int) -> dict:
+    """Agreement of each current record's top function expert with its venue's category group."""
+    si = raw["sem_ids"]
+    groups_L = venue_groups(categories_L)
+    top_R = si[..., 0].reshape(-1)  # top-1 = highest probability (stable ties: lower id)
+    grp_R = groups_L[raw["cur_loc"].reshape(-1)]
+    agr = category_agreement(top_R, grp_R, raw["sem_probs"].shape[-1], seed)
+    seen = sorted({str(c) for c in categories_L if str(c)})
+    agr["records"] = "every current-window record of every sample (a record in several samples' windows "
+    agr["records"] += "counts once per sample: each is a separate routing decision with its own history)"
+    agr["mapping"] = {c: CATEGORY_TO_FUNCTION.get(c) for c in seen}
+    agr["judgement_calls"] = {c: v for c, v in JUDGEMENT_CALLS.items() if c in seen}
+    return agr
 
 
 def _mean_multi(stab: dict[int, float], users: np.ndarray, counts: np.ndarray) -> float | None:
