@@ -117,14 +117,16 @@ class PersonaExperts(nn.Module):
         counts = torch.bincount(e_P, minlength=self.num_experts).tolist()  # host sync: training path only
         xd_TD = self.drop(x_TD)
         a_T2Er = xd_TD @ torch.cat([self.stacked("gate_A"), self.stacked("up_A")], 1).flatten(0, 1).t()
-        a_P2r = a_T2Er.view(T, self.num_experts, -1)[t_P, e_P]  # [P, 2r]: this pair's expert only
+        # Gathers below use index_select (backward: index_add) rather than advanced indexing, whose
+        # backward (index_put with accumulate) was ~15% of the layer's fwd+bwd on CPU.
+        a_P2r = a_T2Er.view(T * self.num_experts, -1).index_select(0, t_P * self.num_experts + e_P)  # [P, 2r]
         r = a_P2r.shape[1] // 2
         dg, du = [], []
         for ex, chunk in zip(self.lora, torch.split(a_P2r, counts), strict=True):
             dg.append(chunk[:, :r] @ ex.gate_B.t())
             du.append(chunk[:, r:] @ ex.up_B.t())
-        g_PF = base.gate_proj(x_TD)[t_P] + s * torch.cat(dg)
-        u_PF = base.up_proj(x_TD)[t_P] + s * torch.cat(du)
+        g_PF = base.gate_proj(x_TD).index_select(0, t_P) + s * torch.cat(dg)
+        u_PF = base.up_proj(x_TD).index_select(0, t_P) + s * torch.cat(du)
         h_PF = base.act_fn(g_PF) * u_PF
         hw_TF = torch.zeros(T, h_PF.shape[1], dtype=h_PF.dtype, device=h_PF.device)
         y_TD = base.down_proj(hw_TF.index_add(0, t_P, h_PF * w_P.unsqueeze(-1)))
