@@ -2,7 +2,7 @@
 # QT-Mob ablation (docs/QTMOB.md): coordinate/scored head alone vs + semantic tokens vs + code-generation
 # ranking, and mobility recovery, on fsq-nyc and llmmob-fsq-nyc test splits; baselines on the same samples.
 # Each variant: debug flavour, DeepSpeed ZeRO-2, 2 CPU ranks, ep_size 2, STEPS steps, same seed.
-#   bash scripts/ablation_qtmob.sh            (about 40 min on 2 cores; outputs under ablation-out/)
+#   bash scripts/ablation_qtmob.sh            (about 35 min on 2 cores; outputs under ablation-out/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin

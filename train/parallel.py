@@ -12,7 +12,8 @@ files). Inside it:
   parameter names) and is never saved into the per-expert files.
 
 Checkpoints saved with any ep_size are mapped back to single-device ``PersonalMoE`` names by
-``gather_expert_state`` (evaluate / export / resume under a different ep_size).
+``gather_expert_state`` (evaluate / export; training under another ep_size starts from them through
+``train.init_from``, which loads the single-device model before ``parallelize``).
 
 Shape legend: B batch, S sequence, T = B*S tokens, D model width, C history width, K slots, E experts,
 G ep_size, El = E / G local experts, Cap capacity (max tokens any expert receives), F FFN width.
@@ -358,7 +359,8 @@ def single_device_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def scatter_expert_state(local_state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """Single-device state dict -> this rank's DSPersonalMoE state dict for ``model`` (any ep_size): the
-    inverse of ``gather_expert_state``, to start ep_size=G training from a single-device / other-G run."""
+    inverse of ``single_device_state``, for loading weights into an already-parallelized model (e.g. after
+    ``deepspeed.initialize``). ``train.init_from`` does not need it: it loads before ``parallelize``."""
     out = {}
     own = model.state_dict()
     layers = {n: m for n, m in model.named_modules() if isinstance(m, DSPersonalMoE)}

@@ -263,15 +263,16 @@ def test_fine_tune_from_another_ep_size(nyc: Path, reference: Path, tmp_path: Pa
     assert sorted(got) == [1, 2]
     cfg, model, info = load_run(reference)
     batch = StepBatches(TrajectoryDataset(nyc, "train"), 8, Dist(0, 1, 0), cfg.train.seed)(0)
-    with torch.no_grad():
-        pred, aux = model.train()(batch)
-        want = compute_loss(pred, aux, batch, cfg.loss, info.xy_std_m).total.item()
+
+    def first_loss(m: torch.nn.Module) -> float:
+        with torch.no_grad():
+            pred, aux = m.train()(batch)
+            return compute_loss(pred, aux, batch, cfg.loss, info.xy_std_m).total.item()
+
+    want = first_loss(model)
     assert got[1] == pytest.approx(want, rel=1e-5), (got[1], want)
     torch.manual_seed(cfg.train.seed)  # the same job without init_from would start from these weights
-    fresh = build_model(cfg.model, info).train()
-    with torch.no_grad():
-        pred, aux = fresh(batch)
-        cold = compute_loss(pred, aux, batch, cfg.loss, info.xy_std_m).total.item()
+    cold = first_loss(build_model(cfg.model, info))
     assert abs(cold - want) > 0.01 * abs(want), (cold, want)
 
 
