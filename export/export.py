@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--precision", default="fp32", choices=("fp32", "fp16", "bf16"), help="TensorRT precision"
     )
-    ap.add_argument("--n-check", type=int, default=64, help="held-out samples for the parity check")
+    ap.add_argument("--n-check", type=int, default=128, help="held-out samples for the parity check")
     ap.add_argument("--topk", type=int, default=20, help="candidates returned by the engine")
     ap.add_argument("--expert-compute", default="shared", choices=("shared", "folded"))
     args = ap.parse_args(argv)

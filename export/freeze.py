@@ -267,11 +267,9 @@ def freeze_nextlocmoe(model: nn.Module, info, **kw) -> FrozenNextLocMoE:
     """``freeze`` for a ``nextlocmoe.model.nextlocmoe.NextLocMoE`` and its ``DataInfo``: location table,
     metres per unit and ranking (``model.cfg.heads.ranking``, point when there is no scored head) taken
     from the model/run."""
-    from nextlocmoe.model.nextlocmoe import MODEL_INPUTS
-
     ranking = kw.pop("ranking", None) or model.cfg.heads.ranking
     if ranking == "scored" and getattr(model, "scored", None) is None:
         ranking = "point"
     return freeze(
-        model, info.loc_xy_norm, tuple(MODEL_INPUTS), ranking=ranking, metres_per_unit=info.xy_std_m, **kw
+        model, info.loc_xy_norm, tuple(model.input_names), ranking=ranking, metres_per_unit=info.xy_std_m, **kw
     )

@@ -106,7 +106,7 @@ def run_export(
     out_dir: str | Path,
     formats: tuple[str, ...] = ("onnx",),
     precision: str = "fp32",
-    n_check: int = 64,
+    n_check: int = 128,
     k: int = 20,
     compute: str = DEFAULT_EXPERT_COMPUTE,
 ) -> dict[str, Any]:
@@ -119,7 +119,7 @@ def run_export(
     cfg, model, info = load_run(run_dir)
     log.info("loaded run %s (%.1fs)", run_dir, time.time() - t0)
     frozen = freeze_nextlocmoe(model, info, compute=compute, k=k)
-    batch = samples.held_out_batch(cfg.data.dir, n_check + EXAMPLE_BATCH)
+    batch = samples.held_out_batch(cfg.data.dir, n_check + EXAMPLE_BATCH, pointer=cfg.model.pointer_window)
     example = samples.slice_batch(batch, 0, EXAMPLE_BATCH)
     held_out = samples.slice_batch(batch, EXAMPLE_BATCH, n_check + EXAMPLE_BATCH)
     onnx_path = out / ONNX_FILE

@@ -39,12 +39,12 @@ def synthetic_batch(
 
 
 def held_out_batch(
-    data_dir: str | Path, n: int, split: str = "test", seed: int = 0
+    data_dir: str | Path, n: int, split: str = "test", seed: int = 0, pointer: int = 0
 ) -> dict[str, torch.Tensor]:
     """``n`` samples drawn (without replacement, seeded) from a prepared data set's split, collated."""
     from nextlocmoe.data.store import TrajectoryDataset, collate
 
-    ds = TrajectoryDataset(data_dir, split)
+    ds = TrajectoryDataset(data_dir, split, pointer=pointer)
     if len(ds) == 0:
         raise ValueError(f"{data_dir}: split {split!r} has no samples")
     idx = np.random.default_rng(seed).choice(len(ds), size=min(n, len(ds)), replace=False)

@@ -124,10 +124,20 @@ class HeadsConfig:
     scored: bool = True  # candidate-scoring head over the location table (MODEL.md "ranking heads")
     d_loc_emb: int = 64
     ranking: str = "scored"  # which ranking `evaluate` reports as the headline: point | scored | codes
+    # History identity (docs/MODEL_QUALITY.md): the scored head becomes a copy-vs-explore mixture of a
+    # pointer over the sample's last `pointer_window` records (id-free slot features, persona- and
+    # function-routed slot scoring) and a generator over the location table.
+    pointer: bool = False
+    pointer_window: int = 256  # P: records right before the target the pointer can copy from
+    pointer_hidden: int = 32
+    query_time: bool = True  # the target's weekday/hour/gap is an input (its location never is)
 
     def __post_init__(self) -> None:
         _check(self.ranking in ("point", "scored", "codes"), "model.heads.ranking must be point|scored|codes")
         _check(self.scored or self.ranking == "point", "model.heads.ranking=scored needs heads.scored=true")
+        _check(not self.pointer or self.scored, "model.heads.pointer=true needs heads.scored=true")
+        _check(self.pointer_window >= 1, "model.heads.pointer_window must be >= 1")
+        _check(self.pointer_hidden >= 1, "model.heads.pointer_hidden must be >= 1")
 
 
 @dataclass
@@ -170,6 +180,11 @@ class ModelConfig:
         )
         pm, nl = self.personal_moe, self.backbone.num_layers
         _check(pm.start_layer < nl, f"model.personal_moe.start_layer {pm.start_layer} >= num_layers {nl}")
+
+    @property
+    def pointer_window(self) -> int:
+        """P records of the pointer window the data pipeline must provide (0: no pointer head)."""
+        return self.heads.pointer_window if self.heads.pointer else 0
 
     def moe_layers(self) -> list[int]:
         """Decoder layer indices whose FFN becomes a personalized MoE."""

@@ -43,6 +43,19 @@ BATCH_KEYS = (
     "user",
     "sample_index",
 )
+# Pointer window (``pointer`` > 0, docs/MODEL_QUALITY.md): the P records right before the target (its own
+# user's, any split; -1/0 left padding) and the query time (the target's weekday / hour / gap: its time is
+# given, as in LLM-Mob and STAN, never its location).
+POINTER_KEYS = (
+    "ptr_loc",
+    "ptr_xy",
+    "ptr_weekday",
+    "ptr_hour",
+    "ptr_age_h",
+    "query_weekday",
+    "query_hour",
+    "query_gap_h",
+)
 
 
 class TrajectoryDataset(Dataset):
@@ -51,7 +64,12 @@ class TrajectoryDataset(Dataset):
     (memory-mapped), so the object is cheap to pickle into DataLoader workers."""
 
     def __init__(
-        self, data_dir: str | Path, split: str, history: int | None = None, current: int | None = None
+        self,
+        data_dir: str | Path,
+        split: str,
+        history: int | None = None,
+        current: int | None = None,
+        pointer: int = 0,
     ):
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -64,6 +82,8 @@ class TrajectoryDataset(Dataset):
         if self.current > int(self.manifest["current"]) + int(self.manifest.get("min_history", 0)):
             raise DataError(f"current={self.current} exceeds the window the data was prepared for")
         self.samples = np.load(self.data_dir / f"samples_{split}.npy", mmap_mode="r")
+        self.pointer = int(pointer)
+        self.keys = BATCH_KEYS + (POINTER_KEYS if self.pointer > 0 else ())
         self._cols: dict[str, np.ndarray] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -119,7 +139,31 @@ class TrajectoryDataset(Dataset):
         out.update(target_xy=tgt["xy"], target_loc=tgt["loc"], target_dur=tgt["dur"])
         out["user"] = self.cols["user"][r].astype(np.int64)
         out["sample_index"] = i
-        return {k: out[k] for k in BATCH_KEYS}
+        if self.pointer > 0:
+            out.update(self._pointer(r, first))
+        return {k: out[k] for k in self.keys}
+
+    def _pointer(self, r: np.ndarray, first: np.ndarray) -> dict[str, np.ndarray]:
+        """Pointer window of targets r [B]: the P records r-P..r-1 of the same user (left-padded: loc -1,
+        other fields 0) and the query time. ``ptr_age_h`` = hours from each record to the last input record
+        (r-1); ``query_gap_h`` = hours from r-1 to the target. Only records before the target are read."""
+        c, P = self.cols, self.pointer
+        j = r[:, None] - P + np.arange(P)[None, :]
+        mask = j >= first[:, None]
+        f = self._features(np.where(mask, j, r[:, None] - 1))
+        t = c["t_min"]
+        last_t = t[r - 1].astype(np.float64)
+        age = (last_t[:, None] - t[np.where(mask, j, r[:, None] - 1)]) / 60.0
+        z = {"xy": 0.0, "weekday": 0, "hour": 0, "loc": -1}
+        out = {}
+        for k, fill in z.items():
+            m = mask[..., None] if f[k].ndim == 3 else mask
+            out[f"ptr_{k}"] = np.where(m, f[k], np.array(fill, dtype=f[k].dtype))
+        out["ptr_age_h"] = np.where(mask, age, 0.0).astype(np.float32)
+        out["query_weekday"] = c["weekday"][r].astype(np.int64)
+        out["query_hour"] = c["hour"][r].astype(np.int64)
+        out["query_gap_h"] = ((t[r] - last_t) / 60.0).astype(np.float32)
+        return out
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         return {k: v[0] for k, v in self.get_batch([i]).items()}
@@ -132,9 +176,10 @@ class TrajectoryDataset(Dataset):
 def collate(items: list[dict[str, np.ndarray]] | dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """Items (list of dataset items, or one `get_batch` dict) -> the batch dict of tensors: keys BATCH_KEYS,
     shapes/dtypes in docs/DATA.md (e.g. hist_xy [B,H,2] float32, hist_mask [B,H] bool)."""
+    keys = [k for k in BATCH_KEYS + POINTER_KEYS if k in (items if isinstance(items, dict) else items[0])]
     if isinstance(items, dict):
-        return {k: torch.from_numpy(np.ascontiguousarray(items[k])) for k in BATCH_KEYS}
-    return {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in BATCH_KEYS}
+        return {k: torch.from_numpy(np.ascontiguousarray(items[k])) for k in keys}
+    return {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in keys}
 
 
 def make_loader(
@@ -146,10 +191,11 @@ def make_loader(
     seed: int = 0,
     sampler: Sampler | None = None,
     drop_last: bool = False,
+    pointer: int = 0,
 ) -> DataLoader:
     """DataLoader over TrajectoryDataset with `collate`; a caller's sampler (e.g. DistributedSampler) wins
     over `shuffle` (set_epoch on it is the caller's job)."""
-    ds = TrajectoryDataset(data_dir, split)
+    ds = TrajectoryDataset(data_dir, split, pointer=pointer)
     gen = torch.Generator()
     gen.manual_seed(seed)
     return DataLoader(

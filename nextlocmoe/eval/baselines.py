@@ -1,8 +1,18 @@
-"""Non-learned baselines on the prepared samples: first-order Markov, user frequency, global popularity.
+"""Non-learned baselines on the prepared samples.
 
-All three rank every known location with exact ranks (ties by lower location id, see ranking.py) and share
-`ranking_metrics`. Counts never include the target or anything after it, except that the Markov transition
-table and global popularity are fitted on all TRAIN-split records (so train-split scores are in-sample).
+- ``markov``: first-order transitions from the current place, fitted on all TRAIN-split records; ties by
+  ``user_frequency``, then popularity.
+- ``user_frequency``: the user's earlier train-split records plus the sample's input window.
+- ``global_popularity``: visit counts over the TRAIN split.
+- ``online_user_frequency``: all of the user's records before the target, any split.
+- ``user_markov``: the user's own transitions from the current place (all records before the target),
+  backing off to the city's (train-split) transitions, then to online user frequency, then popularity.
+- ``recency_frequency``: sum over the user's records before the target of ``RECENCY_DECAY ** age`` (age in
+  records, 0 = the last input record), ties by online frequency, then popularity.
+
+All rank every known location with exact ranks (ties by lower location id, see ranking.py) and share
+`ranking_metrics`. User counts never include the target or anything after it; the train-split tables
+(transitions, popularity) make train-split scores in-sample.
 """
 
 from __future__ import annotations
@@ -20,7 +30,12 @@ from nextlocmoe.eval.metrics import ranking_metrics
 from nextlocmoe.eval.ranking import rank_by_keys, top1_by_keys
 from nextlocmoe.geo import haversine_m
 
-BASELINES = ("markov", "user_frequency", "global_popularity")
+BASELINES = (
+    "markov", "user_frequency", "global_popularity", "online_user_frequency", "user_markov", "recency_frequency",
+)  # fmt: skip
+# Per-record decay of recency_frequency: the best of {0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995} by valid-split
+# Hit@1 on fsq-nyc (.2271) and llmmob-fsq-nyc (.2369) (docs/MODEL_QUALITY.md), fixed for every data set.
+RECENCY_DECAY = 0.98
 CHUNK_ELEMS = 2_000_000
 
 
@@ -60,12 +75,36 @@ class BaselineModel:
             np.bincount(owner * n_loc + locs, minlength=len(r) * n_loc).reshape(len(r), n_loc).astype(float)
         )
 
+    def online_counts(self, r: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Over all of each target's user's records before it (any split), [n, L] each: visit counts,
+        recency-weighted counts, and counts of transitions from the target's current place (r - 1)."""
+        rec, n_loc = self.rec, self.n_loc
+        loc = rec["loc"].astype(np.int64)
+        first = r - rec["pos"][r]
+        idx, own = _ranges(first, r - first)
+        flat = own * n_loc + loc[idx]
+        size = len(r) * n_loc
+        counts = np.bincount(flat, minlength=size)
+        age = (r[own] - 1 - idx).astype(np.float64)
+        recency = np.bincount(flat, weights=RECENCY_DECAY**age, minlength=size)
+        follows = (idx > first[own]) & (loc[np.maximum(idx - 1, 0)] == loc[r - 1][own])
+        trans = np.bincount(flat[follows], minlength=size)
+        return tuple(a.reshape(len(r), n_loc).astype(float) for a in (counts, recency, trans))
+
     def keys(self, r: np.ndarray) -> dict[str, list[np.ndarray]]:
         """Lexicographic score keys per baseline, each [n, L]."""
         markov = self.transitions[self.rec["loc"][r - 1]].toarray()
         user = self.user_counts(r)
         pop = np.broadcast_to(self.popularity, user.shape)
-        return {"markov": [markov, user, pop], "user_frequency": [user, pop], "global_popularity": [pop]}
+        online, recency, user_trans = self.online_counts(r)
+        return {
+            "markov": [markov, user, pop],
+            "user_frequency": [user, pop],
+            "global_popularity": [pop],
+            "online_user_frequency": [online, pop],
+            "user_markov": [user_trans, markov, online, pop],
+            "recency_frequency": [recency, online, pop],
+        }
 
 
 def _load_records(data_dir: Path) -> dict[str, np.ndarray]:

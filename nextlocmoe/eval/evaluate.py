@@ -49,7 +49,7 @@ def predict_split(
 ) -> dict[str, np.ndarray]:
     """Run the model over a split: pred_xy (normalised) [N,2], target_loc [N], scored / codes ranks and
     top-1 [N]. ``task="recovery"``: one record of each current window masked, it is the target (QTMOB.md)."""
-    ds = TrajectoryDataset(data_dir, split)
+    ds = TrajectoryDataset(data_dir, split, pointer=getattr(model, "pointer_window", 0))
     if stats is not None:  # normalise inputs with other statistics (zero-shot --normalise source)
         ds.stats = stats
     idx = eval_subset(len(ds), max_samples)

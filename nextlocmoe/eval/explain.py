@@ -69,7 +69,7 @@ def collect_routing(
     sem_probs [N, C, Es], sem_ids, sem_w [N, C, Ks] (None without a semantic MoE);
     per_probs / per_ids / per_w: one [N, S, .] array per personalized MoE layer; and prompt_len (Pn).
     ``stats`` overrides the data set's normalisation (zero-shot ``--normalise source``)."""
-    ds = TrajectoryDataset(data_dir, split)
+    ds = TrajectoryDataset(data_dir, split, pointer=getattr(model, "pointer_window", 0))
     if stats is not None:
         ds.stats = stats
     idx = eval_subset(len(ds), max_samples)

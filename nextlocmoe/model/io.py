@@ -84,7 +84,7 @@ def load_model_state(
 
 
 # Scored-head entries that belong to the training data set's location table (docs/EXPLAIN.md, zero-shot).
-LOCATION_KEYS = ("scored.loc_emb.weight", "scored.loc_xy_L2")
+LOCATION_KEYS = ("scored.loc_emb.weight", "scored.loc_bias.weight", "scored.loc_xy_L2")
 
 
 def foreign_locations(state: dict[str, torch.Tensor], info: DataInfo) -> bool:
@@ -149,5 +149,7 @@ def load_run(
     if foreign:
         with torch.no_grad():
             model.scored.loc_emb.weight.zero_()
+            if hasattr(model.scored, "loc_bias"):  # pointer head: the source city's location bias too
+                model.scored.loc_bias.weight.zero_()
         model.location_transfer = "per-location embedding term dropped (source-city embeddings)"
     return cfg, model.eval(), info

@@ -22,7 +22,8 @@ from nextlocmoe.model.backbone import load_backbone, prompt_token_ids, swap_ffns
 from nextlocmoe.model.embedding import HistoryEncoder, RecordEmbedding
 from nextlocmoe.model.heads import PointHeads, ScoredHead
 from nextlocmoe.model.personal_moe import PersonalMoE
-from nextlocmoe.model.routing import RoutingAux
+from nextlocmoe.model.pointer import PointerScoredHead
+from nextlocmoe.model.routing import RoutingAux, combine_weights_TE
 from nextlocmoe.model.semantic_moe import SemanticMoE
 from nextlocmoe.tokens.model import QTMob
 
@@ -30,6 +31,9 @@ MODEL_INPUTS = (
     "hist_xy", "hist_weekday", "hist_hour", "hist_dur", "hist_mask",
     "cur_xy", "cur_weekday", "cur_hour", "cur_dur", "hist_loc", "cur_loc",
 )  # fmt: skip
+POINTER_INPUTS = (
+    "ptr_loc", "ptr_xy", "ptr_weekday", "ptr_hour", "ptr_age_h", "query_weekday", "query_hour", "query_gap_h",
+)  # fmt: skip (the store's POINTER_KEYS)
 
 
 @dataclass
@@ -91,10 +95,41 @@ class NextLocMoE(nn.Module):
         self.proj_hist = nn.Linear(ec.d_rec, d_model)
         self.proj_cur = nn.Linear(ec.d_rec, d_model)
         self.heads = PointHeads(d_model)
-        self.scored = ScoredHead(d_model, info.loc_xy_norm, cfg.heads.d_loc_emb) if cfg.heads.scored else None
+        hc = cfg.heads
+        self.scored: nn.Module | None = None
+        if hc.pointer:
+            n_fn = self.semantic.num_experts if self.semantic is not None else 0
+            self.scored = PointerScoredHead(
+                d_model, info.loc_xy_norm, hc.d_loc_emb, hc.pointer_hidden, cfg.personal_moe.num_experts,
+                n_fn, info.xy_std_m, hc.query_time,
+            )  # fmt: skip
+        elif hc.scored:
+            self.scored = ScoredHead(d_model, info.loc_xy_norm, hc.d_loc_emb)
         tk = cfg.tokens  # QT-Mob (docs/QTMOB.md), off by default
         wants = tk.enabled or tk.gen_head or tk.recovery
         self.qtmob = QTMob(cfg, info.num_locations, d_model) if wants else None
+
+    @property
+    def pointer_window(self) -> int:
+        """P records the data pipeline must provide as the pointer window (0: no pointer head)."""
+        return self.cfg.pointer_window
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The batch keys this model reads (engine inputs, in this order)."""
+        return MODEL_INPUTS + (POINTER_INPUTS if self.cfg.heads.pointer else ())
+
+    def routing_mix(self, sink: list[RoutingAux], sem: RoutingAux | None, B: int) -> tuple[torch.Tensor, ...]:
+        """Routing weights that condition the pointer: persona pi [B, E] = the selected (combine) weights
+        of the last token, mean over personalized MoE layers; function omega [B, Es] = those of the last
+        current record (zeros [B, 1] without a semantic MoE)."""
+        E = self.cfg.personal_moe.num_experts
+        pis = [combine_weights_TE(a.ids_TK, a.w_TK.float(), E).view(B, -1, E)[:, -1] for a in sink]
+        pi = torch.stack(pis).mean(0)
+        if sem is None:
+            return pi, pi.new_zeros(B, 1)
+        Es = sem.probs_TE.shape[-1]
+        return pi, combine_weights_TE(sem.ids_TK, sem.w_TK.float(), Es).view(B, -1, Es)[:, -1]
 
     def moe_layers(self) -> list[nn.Module]:
         """The personalized MoE modules (any implementation exposing ``bind``), in layer order."""
@@ -146,7 +181,10 @@ class NextLocMoE(nn.Module):
         h_last = hidden[:, -1]
         xy, dur = self.heads(h_last)
         scores = None
-        if self.scored is not None:
+        if isinstance(self.scored, PointerScoredHead):
+            pi, om = self.routing_mix(sink, sem_aux, B)
+            scores = self.scored(h_last, xy, batch, pi, om)
+        elif self.scored is not None:
             scores = self.scored(h_last, xy, batch["hist_loc"], batch["cur_loc"])
         assert len(sink) == len(self.moe_layers()) and H + C + Pn == x_BSD.shape[1]
         code_logits = code_targets = None

@@ -20,11 +20,12 @@ import scipy.sparse as sp
 import torch
 
 from nextlocmoe.data.layout import eval_subset, load_manifest
-from nextlocmoe.eval.baselines import BASELINES, BaselineModel, _load_records, distance_errors
+from nextlocmoe.eval.baselines import BaselineModel, _load_records, distance_errors
 from nextlocmoe.eval.metrics import ranking_metrics
 from nextlocmoe.eval.ranking import rank_by_keys, top1_by_keys
 
 CHUNK_ELEMS = 2_000_000
+BASELINES = ("markov", "user_frequency", "global_popularity")  # recovery versions of these three
 
 
 def eval_positions(sample_index: np.ndarray | torch.Tensor, current: int) -> np.ndarray:
@@ -54,6 +55,13 @@ def mask_batch(batch: dict[str, torch.Tensor], positions_BM: np.ndarray) -> dict
     out["cur_masked"] = masked
     out["cur_xy"] = torch.where(masked.unsqueeze(-1), torch.zeros_like(batch["cur_xy"]), batch["cur_xy"])
     out["cur_loc"] = torch.where(masked, torch.full_like(batch["cur_loc"], -1), batch["cur_loc"])
+    if "ptr_loc" in batch:  # the pointer window ends with the current window: hide the masked slots too
+        P = batch["ptr_loc"].shape[1]
+        m_BP = torch.cat([torch.zeros(B, P - C, dtype=torch.bool), masked], 1)
+        out["ptr_loc"] = torch.where(m_BP, torch.full_like(batch["ptr_loc"], -1), batch["ptr_loc"])
+        out["ptr_xy"] = torch.where(m_BP.unsqueeze(-1), torch.zeros_like(batch["ptr_xy"]), batch["ptr_xy"])
+        out["query_weekday"] = batch["cur_weekday"][rows, t].clone()  # the masked record's time
+        out["query_hour"] = batch["cur_hour"][rows, t].clone()
     return out
 
 

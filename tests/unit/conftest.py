@@ -37,4 +37,12 @@ def random_batch(B: int = 4, H: int = 12, C: int = 5, L: int = 50, seed: int = 0
     }
     b["hist_mask"][0, : H // 2] = False  # a left-padded sample
     b["hist_loc"][0, : H // 2] = -1
+    # pointer window (store.POINTER_KEYS) = history + current records, P = H + C
+    for k in ("loc", "xy", "weekday", "hour"):
+        b[f"ptr_{k}"] = torch.cat([b[f"hist_{k}"], b[f"cur_{k}"]], 1)
+    b["ptr_xy"][0, : H // 2] = 0.0
+    b["ptr_age_h"] = torch.linspace(200.0, 0.0, H + C).expand(B, H + C).contiguous()
+    b["query_weekday"] = torch.randint(0, 7, (B,), generator=g)
+    b["query_hour"] = torch.randint(0, 24, (B,), generator=g)
+    b["query_gap_h"] = torch.rand(B, generator=g) * 5
     return b

@@ -195,7 +195,16 @@ def test_cli_prepare_and_errors(tmp_path: Path, fsq_dir: Path, capsys: pytest.Ca
     )
     rep = json.loads(out_json.read_text())
     assert (
-        set(rep["baselines"]) == {"markov", "user_frequency", "global_popularity"} and rep["split"] == "test"
+        set(rep["baselines"])
+        == {
+            "markov",
+            "user_frequency",
+            "global_popularity",
+            "online_user_frequency",
+            "user_markov",
+            "recency_frequency",
+        }
+        and rep["split"] == "test"
     )
     code = main(
         ["prepare", "--dataset", "fsq-nyc", "--source", str(tmp_path / "nope"), "--out", str(tmp_path)]

@@ -181,7 +181,7 @@ def test_collect_routing_is_the_models_raw_aux(debug_cfg, prepared_fsq) -> None:
     torch.manual_seed(0)
     model = build_model(debug_cfg.model, data_info_from_dir(prepared_fsq)).eval()
     raw = ex.collect_routing(model, prepared_fsq, "train", max_samples=0, batch_size=5)
-    ds = TrajectoryDataset(prepared_fsq, "train")
+    ds = TrajectoryDataset(prepared_fsq, "train", pointer=model.pointer_window)
     n = len(ds)
     batch = collate(ds.get_batch(np.arange(n)))
     with torch.no_grad():

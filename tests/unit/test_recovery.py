@@ -13,7 +13,7 @@ from nextlocmoe.data.store import TrajectoryDataset, collate
 from nextlocmoe.eval.evaluate import evaluate_model
 from nextlocmoe.model.io import data_info_from_dir
 from nextlocmoe.model.loss import compute_loss
-from nextlocmoe.model.nextlocmoe import MODEL_INPUTS, build_model
+from nextlocmoe.model.nextlocmoe import build_model
 from nextlocmoe.tokens.evaluation import task_batch
 from nextlocmoe.tokens.recovery import eval_positions, mask_batch, mix_recovery, recovery_baselines
 from nextlocmoe.tokens.rqvae import TokenizerSettings, tokenize
@@ -41,7 +41,7 @@ def qt_setup(prepared_fsq, debug_cfg: Config):
 
 def test_masking_never_leaks_the_target(qt_setup) -> None:
     data, model, _ = qt_setup
-    ds = TrajectoryDataset(data, "test")
+    ds = TrajectoryDataset(data, "test", pointer=256)
     batch = collate(ds.get_batch(np.arange(len(ds))))
     B, C = batch["cur_loc"].shape
     pos = eval_positions(batch["sample_index"].numpy(), C).astype(np.int64)
@@ -58,11 +58,17 @@ def test_masking_never_leaks_the_target(qt_setup) -> None:
     n_loc = model.qtmob.loc_codes.shape[0]
     other["cur_loc"][rows, pos] = (batch["cur_loc"][rows, pos] + 1) % n_loc
     other["cur_xy"][rows, pos] = batch["cur_xy"][rows, pos] + 3.0
+    slot = batch["ptr_loc"].shape[1] - C + pos  # the same records in the pointer window
+    assert torch.equal(batch["ptr_loc"][rows, slot], batch["cur_loc"][rows, pos])
+    other["ptr_loc"][rows, slot] = other["cur_loc"][rows, pos]
+    other["ptr_xy"][rows, slot] = other["cur_xy"][rows, pos]
     rec2 = task_batch(other, "recovery")
-    for k in (*MODEL_INPUTS, "cur_masked"):
+    names = (*model.input_names, "cur_masked")
+    assert "ptr_loc" in names
+    for k in names:
         assert torch.equal(rec[k], rec2[k]), k
-    inputs = {k: rec[k] for k in (*MODEL_INPUTS, "cur_masked")}
-    inputs2 = {k: rec2[k] for k in (*MODEL_INPUTS, "cur_masked")}
+    inputs = {k: rec[k] for k in names}
+    inputs2 = {k: rec2[k] for k in names}
     with torch.no_grad():
         p1, p2 = model(inputs)[0], model(inputs2)[0]
     assert (
@@ -75,7 +81,7 @@ def test_masking_never_leaks_the_target(qt_setup) -> None:
 
 def test_mix_recovery_weights_the_two_tasks(qt_setup) -> None:
     data, model, cfg = qt_setup
-    ds = TrajectoryDataset(data, "train")
+    ds = TrajectoryDataset(data, "train", pointer=256)
     batch = collate(ds.get_batch(np.arange(min(8, len(ds)))))
     B = batch["cur_loc"].shape[0]
     mixed = mix_recovery(batch, 2, 1.0, 0.5, seed=3)
@@ -100,14 +106,14 @@ def test_recovery_evaluation_and_baselines(qt_setup) -> None:
     rep = evaluate_model(model, data, "test", batch_size=16, ranking="codes", task="recovery")
     assert rep["task"] == "recovery" and set(rep["rankings"]) == {"point", "scored", "codes"}
     n = rep["n"]
-    assert n == len(TrajectoryDataset(data, "test"))
+    assert n == len(TrajectoryDataset(data, "test", pointer=256))
     for name in ("markov", "user_frequency", "global_popularity"):
         m = rep["baselines"][name]
         assert m["n"] == n and 0 <= m["hit@1"] <= m["hit@5"] <= m["hit@10"] <= 1
     nxt = evaluate_model(model, data, "test", batch_size=16, ranking="codes")
     assert "task" not in nxt and nxt["n"] == n and "codes" in nxt["rankings"]
     assert recovery_baselines(data, "test", max_samples=2)["markov"]["n"] == 2
-    b = collate(TrajectoryDataset(data, "test").get_batch([0]))
+    b = collate(TrajectoryDataset(data, "test", pointer=256).get_batch([0]))
     assert task_batch(b, "next") is b
     with pytest.raises(ValueError):
         task_batch(b, "nope")
