@@ -271,5 +271,5 @@ def freeze_nextlocmoe(model: nn.Module, info, **kw) -> FrozenNextLocMoE:
     if ranking == "scored" and getattr(model, "scored", None) is None:
         ranking = "point"
     return freeze(
-        model, info.loc_xy_norm, tuple(model.input_names), ranking=ranking, metres_per_unit=info.xy_std_m, **kw
+        model, info.loc_xy_norm, model.input_names, ranking=ranking, metres_per_unit=info.xy_std_m, **kw
     )

@@ -202,7 +202,8 @@ def train_run(cfg: Config, ds_json: str, d: Dist, resume: bool = False) -> Path:
     engine, info = build_engine(cfg, ds_json, d)
     start = resume_step(engine, run_dir) if resume else 0
     xy_std = info.xy_std_m
-    batches = StepBatches(TrajectoryDataset(cfg.data.dir, "train", pointer=cfg.model.pointer_window), cfg.data.batch_size, d, cfg.train.seed)
+    train_ds = TrajectoryDataset(cfg.data.dir, "train", pointer=cfg.model.pointer_window)
+    batches = StepBatches(train_ds, cfg.data.batch_size, d, cfg.train.seed)
     log = MetricsLog(run_dir, d, start)
     acc, total = cfg.train.grad_accum, cfg.train.steps
     bar = tqdm(total=total, initial=start, desc="train", disable=not d.is_main, mininterval=2)

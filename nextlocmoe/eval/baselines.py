@@ -31,7 +31,8 @@ from nextlocmoe.eval.ranking import rank_by_keys, top1_by_keys
 from nextlocmoe.geo import haversine_m
 
 BASELINES = (
-    "markov", "user_frequency", "global_popularity", "online_user_frequency", "user_markov", "recency_frequency",
+    "markov", "user_frequency", "global_popularity",
+    "online_user_frequency", "user_markov", "recency_frequency",
 )  # fmt: skip
 # Per-record decay of recency_frequency: the best of {0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995} by valid-split
 # Hit@1 on fsq-nyc (.2271) and llmmob-fsq-nyc (.2369) (docs/MODEL_QUALITY.md), fixed for every data set.

@@ -32,7 +32,14 @@ MODEL_INPUTS = (
     "cur_xy", "cur_weekday", "cur_hour", "cur_dur", "hist_loc", "cur_loc",
 )  # fmt: skip
 POINTER_INPUTS = (
-    "ptr_loc", "ptr_xy", "ptr_weekday", "ptr_hour", "ptr_age_h", "query_weekday", "query_hour", "query_gap_h",
+    "ptr_loc",
+    "ptr_xy",
+    "ptr_weekday",
+    "ptr_hour",
+    "ptr_age_h",
+    "query_weekday",
+    "query_hour",
+    "query_gap_h",
 )  # fmt: skip (the store's POINTER_KEYS)
 
 

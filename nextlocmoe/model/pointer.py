@@ -121,7 +121,9 @@ class PointerScoredHead(nn.Module):
         a_BP = (z_BPH * v_BH.unsqueeze(1)).sum(-1)
         return torch.where(batch["ptr_loc"] >= 0, a_BP, torch.full_like(a_BP, NEG))
 
-    def gen_logits(self, h_BD: torch.Tensor, pred_xy_B2: torch.Tensor, cur_xy_B2: torch.Tensor) -> torch.Tensor:
+    def gen_logits(
+        self, h_BD: torch.Tensor, pred_xy_B2: torch.Tensor, cur_xy_B2: torch.Tensor
+    ) -> torch.Tensor:
         """Explore logits [B, L]."""
         d_cur, d_pred = _dist_BL(cur_xy_B2, self.loc_xy_L2), _dist_BL(pred_xy_B2, self.loc_xy_L2)
         beta = torch.exp(self.log_beta)
