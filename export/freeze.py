@@ -56,6 +56,8 @@ class FrozenRouter(nn.Module):
             self.register_buffer("w_h_HC", _const(router.w_h.weight.float()))
             self.register_buffer("per_EH", _const(router.w_p(router.persona_EP.float()).float()))
             self.register_buffer("v_H", _const(router.v.weight[0].float()))
+            # balancing bias (model/balance.py) as the constant selection scale exp(b), computed here by torch
+            self.register_buffer("scale_E", _const(router.sel_bias_E.float().exp()))
 
     def forward(self, x_BSD: torch.Tensor, ctx_BC: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x_BSD token states, ctx_BC history vectors -> probs_TE [B*S, E], ids_TK, w_TK (fp32)."""
@@ -65,7 +67,7 @@ class FrozenRouter(nn.Module):
         pre_TEH = F.gelu(tok_BSH.reshape(B * S, 1, -1) + self.per_EH.unsqueeze(0))
         probs_TE = torch.softmax(pre_TEH @ self.v_H, dim=-1)
         c = self.cfg
-        ids_TK, w_TK = select(probs_TE, c.routing, c.top_k, c.tau, c.k_max, c.renormalize)
+        ids_TK, w_TK = select(probs_TE, c.routing, c.top_k, c.tau, c.k_max, c.renormalize, self.scale_E)
         return probs_TE, ids_TK, w_TK
 
 

@@ -80,6 +80,7 @@ class SemanticMoEConfig:
     enabled: bool = True
     top_k: int = 2
     router_hidden: int = 128
+    balance_rate: float = 0.0  # auxiliary-loss-free balancing bias step (model/balance.py); 0 = off
 
     def __post_init__(self) -> None:
         _check(1 <= self.top_k <= 5, "model.semantic_moe.top_k must be in 1..5 (5 function experts)")
@@ -102,6 +103,7 @@ class PersonalMoEConfig:
     renormalize: bool = False  # reference: selected probabilities are not renormalised
     router_hidden: int = 256
     compute: str = "grouped"  # "grouped" (sparse pairs, training) | "dense" (static, export)
+    balance_rate: float = 0.0  # auxiliary-loss-free balancing bias step (model/balance.py); 0 = off
 
     def __post_init__(self) -> None:
         _check(self.num_experts >= 1, "model.personal_moe.num_experts must be >= 1")
@@ -197,6 +199,9 @@ class LossConfig:
     entropy_weight: float = 300.0  # lambda (reference); distance loss is in metres
     duration_weight: float = 0.0
     aux_weight: float = 0.0  # load-balancing loss from the expert-parallel layer
+    balance_weight: float = 0.0  # persona routers: ln E - H(batch-mean probs) (routing.marginal_imbalance)
+    semantic_balance_weight: float = 0.0  # the same for the function router
+    semantic_entropy_weight: float = 0.0  # per-record entropy of the function router (decisiveness)
     scored_weight: float = 1000.0  # cross-entropy of the candidate-scoring head (metre-scaled)
     codes_weight: float = 1000.0  # QT-Mob code head: mean per-level cross-entropy (only with tokens.gen_head)
     next_weight: float = 1.0  # next-location samples' share when recovery_weight > 0

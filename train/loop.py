@@ -189,6 +189,33 @@ def train_step(engine, batch: dict[str, torch.Tensor], cfg: Config, xy_std: floa
     return parts, aux
 
 
+def routing_log(aux) -> dict:
+    """metrics.jsonl ``routing``: per personalized MoE layer and for the function router, the load of this
+    step summed over ranks (empty slots excluded) with balance / dead experts / min-max load vs fair share,
+    and the mean per-token router entropy of this rank's tokens (eval/routing_stats.py)."""
+    from nextlocmoe.eval.routing_stats import torch_layer_stats
+    from nextlocmoe.model.balance import slot_counts
+
+    def one(a) -> dict:
+        return torch_layer_stats(
+            a.probs_TE, a.ids_TK, _sum_over_ranks(slot_counts(a.ids_TK, a.probs_TE.shape[-1]))
+        )
+
+    return {
+        "personal": [one(a) for a in aux.personal],
+        "semantic": one(aux.semantic) if aux.semantic else None,
+    }
+
+
+def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor over all ranks (identity on one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
 def train_run(cfg: Config, ds_json: str, d: Dist, resume: bool = False) -> Path:
     """The whole job; returns the run folder."""
     from tqdm import tqdm
@@ -210,9 +237,12 @@ def train_run(cfg: Config, ds_json: str, d: Dist, resume: bool = False) -> Path:
     t0, seen = time.perf_counter(), 0
     engine.train()
     for step in range(start + 1, total + 1):
+        step_aux = []
         for a in range(acc):
             ms = (step - 1) * acc + a
             parts, aux = train_step(engine, batches(ms), cfg, xy_std, ms)
+            step_aux.append(aux)
+        engine.module.balance_step(step_aux, _sum_over_ranks)  # selection biases (model/balance.py)
         seen += cfg.data.batch_size * acc * d.world
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == total:
@@ -220,6 +250,7 @@ def train_run(cfg: Config, ds_json: str, d: Dist, resume: bool = False) -> Path:
             row["lr"] = engine.get_lr()[0]
             row["samples_per_s"] = seen / (time.perf_counter() - t0)
             row["expert_load"] = expert_load(aux.personal, reduce=True)
+            row["routing"] = routing_log(aux)
             log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.1f}", dist_m=f"{row['loss_distance']:.0f}")
         if step % cfg.train.ckpt_every == 0 or step == total:

@@ -91,7 +91,8 @@ class HistoryAwareGate(TopKGate):
             raise RuntimeError("HistoryAwareGate.context [T, C] must be set for this forward's tokens")
         c = self.cfg
         probs_TE = self._router_fp32(input, self.context)
-        ids_TK, w_TK = select(probs_TE, c.routing, c.top_k, c.tau, c.k_max, c.renormalize)
+        scale = self.router.sel_bias_E.float().exp()  # balancing bias (model/balance.py)
+        ids_TK, w_TK = select(probs_TE, c.routing, c.top_k, c.tau, c.k_max, c.renormalize, scale)
         self.last = (probs_TE, ids_TK, w_TK)
         return sparse_routes_from_selection(probs_TE, ids_TK, w_TK, self.ep_group)
 

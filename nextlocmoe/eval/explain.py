@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from nextlocmoe.data.store import TrajectoryDataset, collate, eval_subset, load_locations, load_manifest
+from nextlocmoe.eval.routing_stats import routing_diagnostics
 from nextlocmoe.model import text
 
 FUNCTION_NAMES = tuple(text.FUNCTION_CATEGORIES)  # expert e of the semantic MoE was initialised from name e
@@ -275,6 +276,7 @@ def summarise(
     for u, c in zip(users, counts, strict=True):
         rep["users"][str(int(u))] = _user_entry(raw, mask, int(u), int(c), persona_stab, sem_stab, user_ids)
     rep["figures"] = _figures(rep, users[np.argsort(-counts, kind="stable")][:top_users], n_layers)
+    rep["routing_diagnostics"] = routing_diagnostics(raw, mask, categories_L)
     if sem_stab is not None and categories_L is not None and any(str(c) for c in categories_L):
         rep["category_agreement"] = _category_section(raw, categories_L, seed)
         if "agreement" in rep["category_agreement"]:

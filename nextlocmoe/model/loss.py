@@ -1,7 +1,8 @@
 """The loss, assembled in one place (MODEL.md "Heads and loss").
 
 loss = mean Euclidean distance (metres) + lambda * mean personalized-router entropy
-       (+ duration L1, + expert-parallel load-balancing aux, + candidate-scoring cross-entropy).
+       (+ duration L1, + expert-parallel load-balancing aux, + candidate-scoring cross-entropy,
+        + marginal-imbalance terms of both MoE levels and the function router's entropy: docs/EXPLAIN.md).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ class LossParts:
     duration: torch.Tensor
     scored: torch.Tensor
     codes: torch.Tensor | None = None  # QT-Mob code head (mean per-level cross-entropy)
+    balance: torch.Tensor | None = None  # persona routers' marginal imbalance (mean over layers)
+    semantic_balance: torch.Tensor | None = None  # function router's marginal imbalance
+    semantic_entropy: torch.Tensor | None = None  # function router's mean per-record entropy
 
     def as_floats(self) -> dict[str, float]:
         """The logged keys of metrics.jsonl (CONTRACT.md)."""
@@ -34,7 +38,12 @@ class LossParts:
             "loss_duration": float(self.duration.detach()),
             "loss_scored": float(self.scored.detach()),
             **({"loss_codes": float(self.codes.detach())} if self.codes is not None else {}),
+            **{f"loss_{k}": float(v.detach()) for k, v in self.routing_terms().items()},
         }
+
+    def routing_terms(self) -> dict[str, torch.Tensor]:
+        names = ("balance", "semantic_balance", "semantic_entropy")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
 
 def distance_m(pred_xy_B2: torch.Tensor, target_xy_B2: torch.Tensor, xy_std_m: float) -> torch.Tensor:
@@ -74,4 +83,10 @@ def compute_loss(
     )  # fmt: skip
     if codes is not None:
         total = total + cfg.codes_weight * codes
-    return LossParts(total, dist, ent, l_aux, dur, scored, codes)
+    bal = torch.stack([a.balance for a in aux.personal]).mean() if aux.personal else zero
+    sem = aux.semantic
+    sem_bal = sem.balance if sem is not None else zero
+    sem_ent = sem.entropy if sem is not None else zero
+    total = total + cfg.balance_weight * bal + cfg.semantic_balance_weight * sem_bal
+    total = total + cfg.semantic_entropy_weight * sem_ent
+    return LossParts(total, dist, ent, l_aux, dur, scored, codes, bal, sem_bal, sem_ent)

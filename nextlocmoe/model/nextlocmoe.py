@@ -138,6 +138,25 @@ class NextLocMoE(nn.Module):
         Es = sem.probs_TE.shape[-1]
         return pi, combine_weights_TE(sem.ids_TK, sem.w_TK.float(), Es).view(B, -1, Es)[:, -1]
 
+    def balance_step(self, auxes: list[ModelAux], reduce=None) -> dict[str, list[torch.Tensor]]:
+        """Auxiliary-loss-free balancing after an optimizer step (model/balance.py): every router's selection
+        bias moves against the load it routed in the step's micro-batches ``auxes``; ``reduce`` sums counts
+        over ranks. Returns the counts {"personal": [E] per layer, "semantic": [[Es]]} (empty lists when a
+        level's rate is 0)."""
+        from nextlocmoe.model.balance import balance_routers
+
+        out: dict[str, list[torch.Tensor]] = {"personal": [], "semantic": []}
+        rate_p = self.cfg.personal_moe.balance_rate
+        if rate_p > 0:
+            layers = self.moe_layers()
+            pairs = [(m.router.sel_bias_E, [a.personal[i] for a in auxes]) for i, m in enumerate(layers)]
+            out["personal"] = balance_routers(pairs, rate_p, reduce)
+        rate_s = self.cfg.semantic_moe.balance_rate
+        if rate_s > 0 and self.semantic is not None and auxes and auxes[0].semantic is not None:
+            pair = (self.semantic.router.sel_bias_E, [a.semantic for a in auxes])
+            out["semantic"] = balance_routers([pair], rate_s, reduce)
+        return out
+
     def moe_layers(self) -> list[nn.Module]:
         """The personalized MoE modules (any implementation exposing ``bind``), in layer order."""
         return [layer.mlp for layer in self.decoder.layers if hasattr(layer.mlp, "bind")]

@@ -60,7 +60,9 @@ class PersonalMoE(nn.Module):
         """Router + selection: probs_TE, ids_TK, w_TK (the shared routing contract)."""
         c = self.cfg
         probs_TE = self.router(x_TD, ctx_TC)
-        ids_TK, w_TK = select(probs_TE, c.routing, c.top_k, c.tau, c.k_max, c.renormalize)
+        ids_TK, w_TK = select(
+            probs_TE, c.routing, c.top_k, c.tau, c.k_max, c.renormalize, self.router.sel_bias_E.exp()
+        )
         return probs_TE, ids_TK, w_TK
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:

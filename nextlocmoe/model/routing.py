@@ -11,6 +11,7 @@ D model width, C context width (history vector), P persona/semantic text width, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,28 +32,49 @@ class RoutingAux:
     def entropy(self) -> torch.Tensor:
         return router_entropy(self.probs_TE)
 
+    @property
+    def balance(self) -> torch.Tensor:
+        """ln E - H(mean_t p_t) >= 0: 0 when the batch's mean routing distribution is uniform."""
+        return marginal_imbalance(self.probs_TE)
+
     def load_E(self) -> torch.Tensor:
         """Fraction of selected (token, slot) pairs per expert, detached, shape [E]."""
         return expert_load(self.ids_TK.detach(), self.probs_TE.shape[-1])
 
 
-def _sorted_desc(probs_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stable descending sort: ties go to the lower expert id, the same in eager, DeepSpeed and ONNX."""
-    p_sorted, idx = torch.sort(probs_TE, dim=-1, descending=True, stable=True)
-    return p_sorted, idx
+def _sorted_desc(
+    probs_TE: torch.Tensor, scale_E: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable descending sort: ties go to the lower expert id, the same in eager, DeepSpeed and ONNX.
+
+    With a balancing bias b (``balance.py``) the ORDER is by log p_e + b_e (selection only), computed as
+    p_e * scale_e with ``scale_E = exp(b)`` (one exactly rounded product: eager, DeepSpeed and the engine
+    sort identical keys; the frozen export stores scale_E as a constant), and the returned values are the
+    unbiased probabilities in that order (the bias decides which experts are chosen, never how much they
+    weigh)."""
+    if scale_E is None:
+        return torch.sort(probs_TE, dim=-1, descending=True, stable=True)
+    key_TE = probs_TE * scale_E.to(probs_TE.dtype)
+    _, idx = torch.sort(key_TE, dim=-1, descending=True, stable=True)
+    return probs_TE.gather(-1, idx), idx
 
 
-def topk_select(probs_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_select(
+    probs_TE: torch.Tensor, k: int, scale_E: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k selection (NextLocMoE Eq. top-k gating). Returns ids_TK, w_TK (no empty slots)."""
-    p_sorted, idx = _sorted_desc(probs_TE)
+    p_sorted, idx = _sorted_desc(probs_TE, scale_E)
     return idx[:, :k], p_sorted[:, :k]
 
 
-def threshold_select(probs_TE: torch.Tensor, tau: float, k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+def threshold_select(
+    probs_TE: torch.Tensor, tau: float, k_max: int, scale_E: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Threshold (top-p) selection: the smallest prefix of experts by descending probability whose
     cumulative probability reaches ``tau``, capped at ``k_max`` experts. Slot j is used iff the mass of the
-    experts before it is < tau. Unused slots: id -1, weight 0. Static shapes: [T, k_max]."""
-    p_sorted, idx = _sorted_desc(probs_TE)
+    experts before it is < tau. Unused slots: id -1, weight 0. Static shapes: [T, k_max]. With ``scale_E``
+    the order is by biased score (see ``_sorted_desc``), the mass by the unbiased probabilities."""
+    p_sorted, idx = _sorted_desc(probs_TE, scale_E)
     p_k, idx_k = p_sorted[:, :k_max], idx[:, :k_max]
     mass_before = torch.cumsum(p_k, dim=-1) - p_k
     used = mass_before < tau
@@ -61,13 +83,20 @@ def threshold_select(probs_TE: torch.Tensor, tau: float, k_max: int) -> tuple[to
 
 
 def select(
-    probs_TE: torch.Tensor, mode: str, k: int, tau: float, k_max: int, renormalize: bool = False
+    probs_TE: torch.Tensor,
+    mode: str,
+    k: int,
+    tau: float,
+    k_max: int,
+    renormalize: bool = False,
+    scale_E: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch to top-k or threshold selection; optionally renormalise the selected weights to sum 1."""
+    """Dispatch to top-k or threshold selection; optionally renormalise the selected weights to sum 1.
+    ``scale_E`` = exp(the router's balancing bias): selection order only (``_sorted_desc``)."""
     if mode == "topk":
-        ids, w = topk_select(probs_TE, k)
+        ids, w = topk_select(probs_TE, k, scale_E)
     elif mode == "threshold":
-        ids, w = threshold_select(probs_TE, tau, k_max)
+        ids, w = threshold_select(probs_TE, tau, k_max, scale_E)
     else:
         raise ValueError(f"unknown routing mode {mode!r}")
     if renormalize:
@@ -78,6 +107,15 @@ def select(
 def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of -sum_e p log p (the NextLocMoE entropy regulariser)."""
     return -(probs_TE * torch.log(probs_TE.clamp_min(1e-12))).sum(-1).mean()
+
+
+def marginal_imbalance(probs_TE: torch.Tensor) -> torch.Tensor:
+    """ln E - H(mean_t p_t): the batch's mean routing distribution's distance from uniform (>= 0).
+    With ``router_entropy`` it makes the mutual information between tokens and experts,
+    I = H(mean_t p_t) - mean_t H(p_t), the quantity the two terms together maximise (decisive per token,
+    balanced over the batch; the token-expert MI objective of Mod-Squad, Chen et al., CVPR 2023)."""
+    p_E = probs_TE.float().mean(0)
+    return math.log(probs_TE.shape[-1]) + (p_E * torch.log(p_E.clamp_min(1e-12))).sum()
 
 
 def expert_load(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -102,6 +140,7 @@ class MLPRouter(nn.Module):
     def __init__(self, in_dim: int, hidden: int, num_experts: int) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, num_experts))
+        self.register_buffer("sel_bias_E", torch.zeros(num_experts), persistent=True)  # balance.py
 
     def forward(self, ctx_TI: torch.Tensor) -> torch.Tensor:
         """ctx_TI [T, in_dim] -> probs_TE [T, E], computed in fp32 whatever the module's dtype."""
@@ -122,6 +161,7 @@ class HistoryAwareRouter(nn.Module):
     def __init__(self, d_model: int, d_ctx: int, persona_EP: torch.Tensor, hidden: int) -> None:
         super().__init__()
         self.register_buffer("persona_EP", persona_EP.detach().float().clone(), persistent=True)
+        self.register_buffer("sel_bias_E", torch.zeros(persona_EP.shape[0]), persistent=True)  # balance.py
         self.w_x = nn.Linear(d_model, hidden, bias=True)
         self.w_h = nn.Linear(d_ctx, hidden, bias=False)
         self.w_p = nn.Linear(persona_EP.shape[1], hidden, bias=False)

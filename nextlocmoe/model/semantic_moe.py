@@ -47,7 +47,7 @@ class SemanticMoE(nn.Module):
         """xy_T2 normalised coords, base_TL base location embedding, ctx_T2R [h_hist ; record embedding]
         -> enhanced [T, L] and the routing aux."""
         probs_TE = self.router(ctx_T2R)
-        ids_TK, w_TK = topk_select(probs_TE, self.top_k)
+        ids_TK, w_TK = topk_select(probs_TE, self.top_k, self.router.sel_bias_E.exp())
         out_TEL = torch.einsum("ti,eli->tel", xy_T2, self.w_ELI)
         w_TE = combine_weights_TE(ids_TK, w_TK, self.num_experts).to(out_TEL.dtype)
         enhanced_TL = base_TL + (w_TE.unsqueeze(-1) * out_TEL).sum(1)

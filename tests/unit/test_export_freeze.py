@@ -17,7 +17,7 @@ from export.freeze import (
 )
 from nextlocmoe.config import PersonalMoEConfig
 from nextlocmoe.model.personal_moe import PersonalMoE
-from nextlocmoe.model.routing import RoutingAux
+from nextlocmoe.model.routing import RoutingAux, select
 
 
 def tiny_llama(layers: int = 2, d: int = 32, f: int = 64) -> LlamaModel:
@@ -41,8 +41,11 @@ def make_moe(mlp: torch.nn.Module, routing: str = "topk", E: int = 5, seed: int 
 
 @pytest.mark.parametrize("routing", ["topk", "threshold"])
 @pytest.mark.parametrize("compute", ["shared", "folded"])
-def test_frozen_moe_matches_eager(routing: str, compute: str) -> None:
+@pytest.mark.parametrize("balanced", [False, True])
+def test_frozen_moe_matches_eager(routing: str, compute: str, balanced: bool) -> None:
     moe = make_moe(tiny_llama().layers[0].mlp, routing)
+    if balanced:  # a trained balancing bias (model/balance.py) is frozen as a constant and changes choices
+        moe.router.sel_bias_E.copy_(torch.tensor([1.5, -2.0, 0.3, 0.0, -0.7]))
     frozen = FrozenPersonalMoE(moe, compute)
     x_BSD, ctx_BC = torch.randn(3, 7, 32), torch.randn(3, 8)
     sink_e: list[RoutingAux] = []
@@ -53,6 +56,10 @@ def test_frozen_moe_matches_eager(routing: str, compute: str) -> None:
         y_e, y_f = moe(x_BSD), frozen(x_BSD)
     assert torch.equal(sink_e[0].ids_TK, sink_f[0].ids_TK)
     torch.testing.assert_close(sink_f[0].w_TK, sink_e[0].w_TK, atol=1e-6, rtol=0)
+    if balanced:  # the bias did change what is selected (else the check above would be vacuous)
+        c = moe.cfg
+        unbiased, _ = select(sink_e[0].probs_TE, c.routing, c.top_k, c.tau, c.k_max)
+        assert not torch.equal(unbiased, sink_e[0].ids_TK)
     torch.testing.assert_close(y_f, y_e, atol=2e-6, rtol=1e-5)
     if routing == "threshold":
         assert (sink_f[0].ids_TK == -1).any() or (sink_f[0].ids_TK >= 0).all()
