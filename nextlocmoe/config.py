@@ -45,6 +45,9 @@ class BackboneConfig:
     path: str | None = None
     num_layers: int = 12  # truncate the loaded decoder to its first L layers
     freeze: bool = True  # token embeddings, attention and original FFN weights stay frozen
+    # Ablation (docs/MODEL_QUALITY.md): heads on the history encoder only, the decoder (and with it the
+    # personalized MoE) is not run: h = gelu(Linear([h_hist ; last current record]))
+    bypass: bool = False
     # Used only when path is null (debug / mid flavours built in code):
     hidden_size: int = 64
     intermediate_size: int = 128

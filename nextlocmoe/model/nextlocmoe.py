@@ -101,6 +101,7 @@ class NextLocMoE(nn.Module):
         self.register_buffer("prompt_ids", ids, persistent=False)
         self.proj_hist = nn.Linear(ec.d_rec, d_model)
         self.proj_cur = nn.Linear(ec.d_rec, d_model)
+        self.bypass = nn.Linear(2 * ec.d_rec, d_model) if cfg.backbone.bypass else None
         self.heads = PointHeads(d_model)
         hc = cfg.heads
         self.scored: nn.Module | None = None
@@ -132,7 +133,7 @@ class NextLocMoE(nn.Module):
         current record (zeros [B, 1] without a semantic MoE)."""
         E = self.cfg.personal_moe.num_experts
         pis = [combine_weights_TE(a.ids_TK, a.w_TK.float(), E).view(B, -1, E)[:, -1] for a in sink]
-        pi = torch.stack(pis).mean(0)
+        pi = torch.stack(pis).mean(0) if pis else self.heads.xy.weight.new_zeros(B, E)
         if sem is None:
             return pi, pi.new_zeros(B, 1)
         Es = sem.probs_TE.shape[-1]
@@ -147,7 +148,7 @@ class NextLocMoE(nn.Module):
 
         out: dict[str, list[torch.Tensor]] = {"personal": [], "semantic": []}
         rate_p = self.cfg.personal_moe.balance_rate
-        if rate_p > 0:
+        if rate_p > 0 and auxes and auxes[0].personal:  # (no personal aux: backbone bypassed)
             layers = self.moe_layers()
             pairs = [(m.router.sel_bias_E, [a.personal[i] for a in auxes]) for i, m in enumerate(layers)]
             out["personal"] = balance_routers(pairs, rate_p, reduce)
@@ -197,6 +198,9 @@ class NextLocMoE(nn.Module):
              torch.ones(B, C, dtype=torch.long, device=x_BSD.device)], dim=1,
         )  # fmt: skip
         sink: list[RoutingAux] = []
+        if self.bypass is not None:  # ablation: no decoder, no personalized MoE
+            return self.predict(torch.nn.functional.gelu(self.bypass(torch.cat([h_BR, rec_cur[:, -1]], -1))),
+                                batch, sink, sem_aux)  # fmt: skip
         for moe in self.moe_layers():
             moe.bind(h_BR, sink)
         try:
@@ -204,7 +208,14 @@ class NextLocMoE(nn.Module):
         finally:  # drop the per-forward bindings so the sink's graph is not kept alive by the layers
             for moe in self.moe_layers():
                 moe.bind(None, None)
-        h_last = hidden[:, -1]
+        assert len(sink) == len(self.moe_layers()) and H + C + Pn == x_BSD.shape[1]
+        return self.predict(hidden[:, -1], batch, sink, sem_aux)
+
+    def predict(
+        self, h_last: torch.Tensor, batch: dict[str, torch.Tensor], sink: list[RoutingAux], sem_aux
+    ) -> tuple[Predictions, ModelAux]:
+        """Heads on the last hidden state h_last [B, D]; the routing of both levels conditions the pointer."""
+        B = h_last.shape[0]
         xy, dur = self.heads(h_last)
         scores = None
         if isinstance(self.scored, PointerScoredHead):
@@ -212,7 +223,6 @@ class NextLocMoE(nn.Module):
             scores = self.scored(h_last, xy, batch, pi, om)
         elif self.scored is not None:
             scores = self.scored(h_last, xy, batch["hist_loc"], batch["cur_loc"])
-        assert len(sink) == len(self.moe_layers()) and H + C + Pn == x_BSD.shape[1]
         code_logits = code_targets = None
         if self.qtmob is not None and self.qtmob.head is not None and "target_loc" in batch:
             code_logits, code_targets = self.qtmob.code_logits(h_last, batch["target_loc"])

@@ -81,6 +81,7 @@ def train_ds(engine, parts: list[int]) -> list[float]:
     losses = []
     for _ in range(STEPS):
         tot = 0.0
+        step_aux = []
         for p in parts:
             x, c, t = toy.batch(p)
             y, aux = engine(x, c)
@@ -88,8 +89,15 @@ def train_ds(engine, parts: list[int]) -> list[float]:
             engine.backward(loss)
             engine.step()
             tot += loss.item()
+            step_aux.append(aux)
+        engine.module.balance(step_aux, _sum_over_ranks)
         losses.append(tot / len(parts))
     return losses
+
+
+def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t)
+    return t
 
 
 def train_plain(model: torch.nn.Module) -> tuple[list[float], list[float]]:
@@ -99,10 +107,12 @@ def train_plain(model: torch.nn.Module) -> tuple[list[float], list[float]]:
     losses, norms = [], []
     for _ in range(STEPS):
         opt.zero_grad()
-        loss = sum(local_aux_loss(*_fwd(model, p)) for p in (0, 1)) / 2
+        outs = [_fwd(model, p) for p in (0, 1)]
+        loss = sum(local_aux_loss(*o) for o in outs) / 2
         loss.backward()
         norms.append(torch.nn.utils.clip_grad_norm_(params, CLIP).item())
         opt.step()
+        model.balance([o[2] for o in outs])
         losses.append(loss.item())
     return losses, norms
 

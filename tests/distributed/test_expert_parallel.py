@@ -39,6 +39,8 @@ def test_ep1_deepspeed_matches_plain_pytorch(ep_results: Path, routing: str) -> 
     assert r["plain"]["grad_norms"][0] > 0.2, "clipping (grad_clip=0.2) should be active in this test"
     moved = max((r["plain"]["state"][k] - r["init"][k]).abs().max().item() for k in r["init"])
     assert moved > 100 * TOL["atol"], "weights barely moved: the comparison would be vacuous"
+    biases = [v for k, v in r["plain"]["state"].items() if k.endswith("sel_bias_E")]
+    assert len(biases) == 2 and all(b.abs().sum() > 0 for b in biases), "the balancer must have acted"
     for strategy in ("zero1", "zero2"):
         torch.testing.assert_close(torch.tensor(r[strategy]["losses"]), torch.tensor(r["plain"]["losses"]))
         _assert_states_close(r[strategy]["state"], r["plain"]["state"], f"ep1 {strategy}")

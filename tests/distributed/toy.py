@@ -15,10 +15,12 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from nextlocmoe.config import PersonalMoEConfig
+from nextlocmoe.model.balance import balance_routers
 from nextlocmoe.model.personal_moe import PersonalMoE
 from nextlocmoe.model.routing import RoutingAux
 
 D, F, C, P, E = 32, 64, 8, 12, 4
+BALANCE_RATE = 0.3  # large, so that the selection bias changes choices within the test's 3 steps
 B, S = 4, 6  # per rank
 
 
@@ -63,6 +65,12 @@ class ToyMoEModel(nn.Module):
                 for ex in blk.mlp.experts.lora:
                     for name in ("gate_B", "up_B", "down_B"):
                         getattr(ex, name).copy_(0.3 * torch.randn(getattr(ex, name).shape, generator=gen))
+
+    def balance(self, step_aux: list[list[RoutingAux]], reduce=None) -> None:
+        """Auxiliary-loss-free balancing after an optimizer step (model/balance.py) from the routing of the
+        step's micro-batches; ``reduce`` sums the counts over ranks."""
+        pairs = [(blk.mlp.router.sel_bias_E, [a[i] for a in step_aux]) for i, blk in enumerate(self.layers)]
+        balance_routers(pairs, BALANCE_RATE, reduce)
 
     def forward(self, x_BSD: torch.Tensor, ctx_BC: torch.Tensor) -> tuple[torch.Tensor, list[RoutingAux]]:
         sink: list[RoutingAux] = []
