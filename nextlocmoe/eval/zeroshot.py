@@ -24,6 +24,8 @@ from nextlocmoe.eval.evaluate import evaluate_model
 
 SCORED_TRANSFER = "scored head without its per-location embedding term: distance to the predicted point + "
 SCORED_TRANSFER += "visit counts in the sample's own history / current window (learned beta, a_hist, a_cur)"
+POINTER_TRANSFER = "copy/explore head without the source city's per-location embedding term and bias: the id-free"
+POINTER_TRANSFER += " pointer over the sample's own earlier records + distance terms of the generator"
 
 
 def _same_source(a: dict, b: dict) -> bool:
@@ -60,7 +62,8 @@ def evaluate_transfer(
     report = evaluate_model(model, data_dir, split, bs, ranking, max_samples, stats=stats)
     how = {"point": "target locations ranked by distance to the predicted point"}
     if model.scored is not None:
-        how["scored"] = SCORED_TRANSFER if transfer else "full scored head (the run's own location table)"
+        moved = POINTER_TRANSFER if hasattr(model.scored, "loc_bias") else SCORED_TRANSFER
+        how["scored"] = moved if transfer else "full scored head (the run's own location table)"
     report["run"] = str(run_dir)
     report["zero_shot"] = {
         "source_dataset": src_m.get("dataset", cfg.data.dir),

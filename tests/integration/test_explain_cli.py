@@ -78,7 +78,14 @@ def test_zero_shot_candidates_are_target_locations_only(two_cities, tmp_path, mo
         z = rep["zero_shot"]
         assert z["cross_domain"] and z["normalise"] == norm and z["headline_ranking"] == "scored"
         assert "embedding term" in z["rankings"]["scored"]
-        assert set(rep["baselines"]) == {"markov", "user_frequency", "global_popularity"}
+        assert set(rep["baselines"]) == {
+            "markov",
+            "user_frequency",
+            "global_popularity",
+            "online_user_frequency",
+            "user_markov",
+            "recency_frequency",
+        }
         assert rep["baselines"]["markov"]["n"] == rep["n"] > 0
         # the scored top-1 is a target venue (a source-city venue would be ~8,000 km off); the point
         # ranking's distance is the predicted POINT's: in the source city under --normalise source

@@ -31,7 +31,7 @@ def test_debug_flavour_overfits_64_real_samples(nyc_dir) -> None:
     torch.manual_seed(0)
     info = data_info_from_dir(nyc_dir)
     model = build_model(cfg.model, info)
-    ds = TrajectoryDataset(nyc_dir, "train")
+    ds = TrajectoryDataset(nyc_dir, "train", pointer=model.pointer_window)
     batch = collate(ds.get_batch(np.random.default_rng(0).choice(len(ds), 64, replace=False)))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
 
