@@ -42,7 +42,8 @@ def main() -> None:
             ckpt = newest_checkpoint(run_dir)
             engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=False)
         engine.eval()
-        batch = collate(TrajectoryDataset(cfg.data.dir, "test").get_batch(SAMPLES))
+        ds = TrajectoryDataset(cfg.data.dir, "test", pointer=cfg.model.pointer_window)
+        batch = collate(ds.get_batch(SAMPLES))
         with torch.no_grad():
             pred, aux = engine(batch)
         if d.is_main:

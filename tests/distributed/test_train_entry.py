@@ -211,7 +211,7 @@ def _predict(model: torch.nn.Module, data_dir: str):
     sys.path.insert(0, str(ROOT / "tests" / "distributed"))
     from predict_worker import SAMPLES
 
-    batch = collate(TrajectoryDataset(data_dir, "test").get_batch(SAMPLES))
+    batch = collate(TrajectoryDataset(data_dir, "test", pointer=model.pointer_window).get_batch(SAMPLES))
     with torch.no_grad():
         return model(batch)
 
@@ -262,7 +262,8 @@ def test_fine_tune_from_another_ep_size(nyc: Path, reference: Path, tmp_path: Pa
     got = losses(ft)
     assert sorted(got) == [1, 2]
     cfg, model, info = load_run(reference)
-    batch = StepBatches(TrajectoryDataset(nyc, "train"), 8, Dist(0, 1, 0), cfg.train.seed)(0)
+    train_ds = TrajectoryDataset(nyc, "train", pointer=cfg.model.pointer_window)
+    batch = StepBatches(train_ds, 8, Dist(0, 1, 0), cfg.train.seed)(0)
 
     def first_loss(m: torch.nn.Module) -> float:
         with torch.no_grad():
