@@ -96,7 +96,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     print(
         f"prepared {m['dataset']} -> {args.out} in {time.perf_counter() - t0:.1f} s: "
         f"{m['input_rows']} rows, {m['records']} kept, dropped {dropped or 'none'}; {m['users']} users, "
-        f"{m['locations']} locations; samples {m['samples']}; coordinates: {m['coordinate_units']}"
+        f"{m['locations']} locations; samples {m['samples']}; coordinates: {m['coordinate_system']}"
     )
     return 0
 
