@@ -129,6 +129,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="with --run and another --data set (zero-shot): coordinate/duration stats of the target data "
         "set (default) or of the run's training data set (docs/EXPLAIN.md)",
     )
+    p.add_argument(
+        "--fallback-checkpoint",
+        action="store_true",
+        help="if the run's newest complete checkpoint cannot be read, use the newest one that can",
+    )
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -218,6 +223,11 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--top-users", type=int, default=30, help="users in the heatmap (most samples first)")
     p.add_argument("--normalise", choices=("target", "source"), default="target", help="as in evaluate")
+    p.add_argument(
+        "--fallback-checkpoint",
+        action="store_true",
+        help="if the run's newest complete checkpoint cannot be read, use the newest one that can",
+    )
     p.set_defaults(func=_cmd_explain)
 
 
@@ -296,17 +306,23 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if getattr(args, "fallback_checkpoint", False):
+        from nextlocmoe.model.io import set_checkpoint_fallback
+
+        set_checkpoint_fallback(True)
     try:
         return int(args.func(args) or 0)
-    except (DataError, ValueError, RuntimeError) as e:  # RunError, ConfigError are ValueErrors
-        print(f"nextlocmoe {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"nextlocmoe {args.command}: error: {e}", file=sys.stderr)
+    except (DataError, ValueError, RuntimeError, OSError) as e:  # RunError, ConfigError: ValueErrors
+        print(f"nextlocmoe {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line (multi-line library messages folded)."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -34,10 +34,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from nextlocmoe.config import ConfigError, load_config
+    from train.ds_config import DSConfigError, load_strategy
 
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        load_strategy(args.deepspeed)  # a broken strategy file fails here, before any process group starts
+    except (ConfigError, DSConfigError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
     d = init_process_group(cfg)
