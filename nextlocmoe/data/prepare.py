@@ -126,7 +126,7 @@ def check_enough_records(table: RecordTable, source: Path, need: int) -> None:
     raise DataError(
         f"{source}: no usable users: all {len(table)} usable rows would be dropped as user_too_short: every "
         f"user has fewer than {need} records (--current + 1 + --min-history); the most is user "
-        f"{users[top]!r} with {counts[top]}; first user {users[0]!r} has {counts[0]}"
+        f"{users[top].item()!r} with {int(counts[top])} (of {len(users)} users)"
     )
 
 
@@ -167,6 +167,7 @@ def _manifest(
         "samples": {k: int(len(v)) for k, v in prep.samples.items()},
         "dropped": {k: int(v) for k, v in sorted(prep.dropped.items())},
         "drop_examples": {k: v for k, v in sorted(table.drop_examples.items()) if v},
+        "drop_first_example": dict(sorted(table.drop_first.items())),
         "time_origin": table.time_origin,
         "history": history,
         "current": current,
