@@ -273,10 +273,10 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_tokenize(args: argparse.Namespace) -> int:
-    from nextlocmoe.tokens.rqvae import TokenizerSettings, tokenize
-
     if args.levels < 1 or args.codebook < 2 or args.epochs < 1 or args.code_dim < 1:
         raise DataError("tokenize: --levels >= 1, --codebook >= 2, --epochs >= 1, --code-dim >= 1")
+    from nextlocmoe.tokens.rqvae import TokenizerSettings, tokenize
+
     s = TokenizerSettings(levels=args.levels, codebook=args.codebook, d_code=args.code_dim,
                           epochs=args.epochs, seed=args.seed)  # fmt: skip
     r = tokenize(args.data, s, log=log.info)

@@ -193,12 +193,12 @@ def load_run(
     if normalise not in ("target", "source"):
         raise ValueError(f"normalise must be 'target' or 'source', not {normalise!r}")
     cfg = load_run_config(run_dir)
+    state = None
+    if ckpt is None:  # read first: an unreadable checkpoint fails before the model is built
+        ckpt, state = readable_checkpoint(run_dir)
     stats_dir = cfg.data.dir if normalise == "source" else None
     info = data_info_from_dir(data_dir or cfg.data.dir, stats_dir)
     model = build_model(cfg.model, info)
-    state = None
-    if ckpt is None:
-        ckpt, state = readable_checkpoint(run_dir)
     foreign = load_weights(model, ckpt, info, state)
     model.location_transfer = None
     if foreign:

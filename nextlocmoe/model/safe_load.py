@@ -60,7 +60,10 @@ def safe_torch_load(path: str | Path, label: str = "checkpoint", allowed: list[A
             "could run code, so nothing of the file was loaded"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, KeyError) as e:
-        raise CheckpointReadError(f"{label} file {path} unreadable: {_core(e)}") from None
+        size = f"{path.stat().st_size} bytes, " if path.is_file() else ""
+        raise CheckpointReadError(
+            f"{label} file {path} unreadable: {_core(e)} ({size}truncated, damaged or not a torch file?)"
+        ) from None
 
 
 def _core(e: BaseException) -> str:
