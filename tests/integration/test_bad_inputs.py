@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -418,21 +419,39 @@ def case_bench_not_an_engine(tmp: Path, run) -> Case:
 
 
 # ---- the runner ----------------------------------------------------------------------------------------
+WORKERS = max(1, min(4, os.cpu_count() or 1))  # the cases are independent processes: run them side by side
+
+
+def _launch(c: Case) -> subprocess.CompletedProcess:
+    return subprocess.run([*PROGRAMS[c.prog], *c.argv], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return bic.make_run(tmp_path_factory.mktemp("run"))
+def outcomes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Set up every selected case, launch them all (WORKERS at a time), return name -> (tmp, case, proc)."""
+    names = sorted({it.callspec.params["name"] for it in request.session.items
+                    if getattr(it, "originalname", "") == "test_bad_input"})  # fmt: skip
+    base: list[Path] = []
+
+    def run_copy(tmp: Path) -> Path:
+        if not base:
+            base.append(bic.make_run(tmp_path_factory.mktemp("base_run")))
+        shutil.copytree(base[0], tmp / "run_copy")
+        return tmp / "run_copy"
+
+    cases = {}
+    for name in names:
+        tmp = tmp_path_factory.mktemp(name)
+        cases[name] = (tmp, CASES[name](tmp, lambda tmp=tmp: run_copy(tmp)))
+    with ThreadPoolExecutor(WORKERS) as pool:
+        procs = {name: pool.submit(_launch, c) for name, (_, c) in cases.items()}
+        return {name: (*cases[name], procs[name].result()) for name in names}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input(name: str, tmp_path: Path, base_run: Path, request: pytest.FixtureRequest) -> None:
-    def run_copy() -> Path:
-        dst = tmp_path / "run_copy"
-        shutil.copytree(base_run, dst)
-        return dst
-
-    c = CASES[name](tmp_path, run_copy)
-    p = subprocess.run([*PROGRAMS[c.prog], *c.argv], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                       timeout=180)  # fmt: skip
+def test_bad_input(name: str, outcomes: dict) -> None:
+    tmp, c, p = outcomes[name]
     detail = f"rc={p.returncode}\nstdout: {p.stdout[-1500:]}\nstderr: {p.stderr[-3000:]}"
     assert "Traceback" not in p.stderr, detail
     assert p.returncode == c.rc, detail
@@ -447,7 +466,7 @@ def test_bad_input(name: str, tmp_path: Path, base_run: Path, request: pytest.Fi
     for f in c.files:
         assert not f.exists(), f"{f} left behind"
     if c.rc:  # a failed prepare leaves no temporary folder beside --out
-        assert not [q.name for q in tmp_path.iterdir() if ".partial-" in q.name]
+        assert not [q.name for q in tmp.iterdir() if ".partial-" in q.name]
     if c.after is not None:
         assert c.after() is not False
 
