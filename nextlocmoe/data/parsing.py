@@ -131,10 +131,18 @@ def load_npy(path: Path, ncols: int, kinds: str, what: str) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found ({what})")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":
+        raise DataError(f"{path}: not a .npy file (no NumPy header; {what})")
     try:
         arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"{path}: cannot read .npy ({e})") from e
+    except ValueError as e:
+        if "pickle" in str(e):  # an object array: unpickling could run code
+            raise DataError(f"{path}: holds pickled Python objects, refused (expected {what})") from None
+        raise DataError(f"{path}: cannot read .npy ({e})") from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read .npy ({e})") from None
     if arr.ndim != 2 or arr.shape[1] != ncols:
         raise DataError(f"{path}: expected a 2-D array [rows, {ncols}] ({what}), got shape {arr.shape}")
     if arr.dtype.kind not in kinds:

@@ -110,8 +110,9 @@ def check_out_dir(out: Path) -> None:
     if out.is_dir() and not (out / "manifest.json").is_file():
         entries = sorted(p.name for p in out.iterdir())
         if entries:
+            n = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
             raise DataError(
-                f"--out {out}: folder is not empty ({len(entries)} entries, e.g. {entries[0]!r}) and is not "
+                f"--out {out}: folder is not empty ({n}, e.g. {entries[0]!r}) and is not "
                 "a `nextlocmoe prepare` output (no manifest.json); give a new or empty folder"
             )
 

@@ -71,4 +71,7 @@ def _core(e: BaseException) -> str:
     text = str(e)
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1].split("\n\n")[0]
-    return " ".join(text.split())[:200] or type(e).__name__
+    text = " ".join(text.split())
+    if text.startswith("PytorchStreamReader") and ". " in text:  # drop miniz's paragraph of advice
+        text = text.split(". ")[0]
+    return text[:200] or type(e).__name__

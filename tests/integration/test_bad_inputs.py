@@ -247,7 +247,13 @@ def case_prepare_npy_wrong_shape(tmp: Path, run) -> Case:
 
 @case
 def case_prepare_npy_not_npy(tmp: Path, run) -> Case:
-    return _fsq_case(tmp, b"garbage, not a .npy", ("NYC.npy: cannot read .npy",))
+    return _fsq_case(tmp, b"garbage, not a .npy", ("NYC.npy: not a .npy file (no NumPy header",))
+
+
+@case
+def case_prepare_npy_pickled_objects(tmp: Path, run) -> Case:
+    objects = np.array([[{"a": 1}] * 3], dtype=object)
+    return _fsq_case(tmp, objects, ("NYC.npy: holds pickled Python objects",))
 
 
 @case
@@ -458,6 +464,7 @@ def test_bad_input(name: str, outcomes: dict) -> None:
     if c.rc:
         errors = [ln for ln in p.stderr.splitlines() if "error:" in ln]
         assert len(errors) == 1, detail
+        print(f"[{name}] {errors[0]}")  # the message as users see it (pytest -s; docs/DATA.md table)
         for s in c.says:
             assert s in errors[0], f"{s!r} not in the error line {errors[0]!r}"
     else:
