@@ -118,16 +118,21 @@ def check_out_dir(out: Path) -> None:
 
 
 def check_enough_records(table: RecordTable, source: Path, need: int) -> None:
-    """DataError when no user has the ``need`` = current + 1 + min_history records a sample takes (every
-    row would be dropped as user_too_short)."""
-    users, counts = np.unique(table.user, return_counts=True)
+    """DataError when no user has the ``need`` = current + 1 + min_history distinct records (user, venue,
+    t_min; duplicates are dropped first) a sample takes: every row would be dropped."""
+    users, ucode = np.unique(table.user, return_inverse=True)
+    vcode = np.unique(table.venue, return_inverse=True)[1]
+    distinct = np.unique(np.stack([ucode.reshape(-1), vcode.reshape(-1), table.t_min], axis=1), axis=0)
+    counts = np.bincount(distinct[:, 0], minlength=len(users))
     if counts.max() >= need:
         return
     top = int(np.argmax(counts))
+    dups = len(table) - len(distinct)
     raise DataError(
-        f"{source}: no usable users: all {len(table)} usable rows would be dropped as user_too_short: every "
-        f"user has fewer than {need} records (--current + 1 + --min-history); the most is user "
-        f"{users[top].item()!r} with {int(counts[top])} (of {len(users)} users)"
+        f"{source}: no usable users: all {len(table)} usable rows would be dropped as user_too_short"
+        + (f" or duplicate ({dups} duplicates)" if dups else "")
+        + f": every user has fewer than {need} distinct records (--current + 1 + --min-history); the most "
+        f"is user {users[top].item()!r} with {int(counts[top])} (of {len(users)} users)"
     )
 
 

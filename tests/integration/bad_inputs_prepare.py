@@ -92,7 +92,15 @@ def case_prepare_unsorted_rows(tmp: Path, run) -> Case:
 @case
 def case_prepare_one_record_users(tmp: Path, run) -> Case:
     lines = [bic.csv_rows(n_users=1, per_user=1)[0].replace("u0", f"u{i}", 1) for i in range(5)]
-    return csv_case(tmp, lines, 2, ("user_too_short", "fewer than 4 records", "user 'u0' with 1 (of 5"))
+    says = ("user_too_short", "fewer than 4 distinct records", "user 'u0' with 1 (of 5")
+    return csv_case(tmp, lines, 2, says)
+
+
+@case
+def case_prepare_all_duplicates(tmp: Path, run) -> Case:
+    """Five copies of one check-in: 4 duplicates, the one left is too short (was a numpy reduction error)."""
+    says = ("user_too_short or duplicate (4 duplicates)", "user 'u0' with 1 (of 1 users)")
+    return csv_case(tmp, bic.csv_rows(n_users=1, per_user=1) * 5, 2, says)
 
 
 @case
