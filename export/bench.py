@@ -53,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from export.timing import format_table, plot, run_bench
 
-    result = run_bench(args.engines, args.backend_list, args.batch_sizes, args.warmup_s, args.budget_s)
+    try:
+        result = run_bench(args.engines, args.backend_list, args.batch_sizes, args.warmup_s, args.budget_s)
+    except (OSError, ValueError) as e:  # unreadable engine folder, inputs that do not fit the engine
+        print(f"bench: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(format_table(result))

@@ -29,6 +29,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--n-check", type=int, default=128, help="held-out samples for the parity check")
     ap.add_argument("--topk", type=int, default=20, help="candidates returned by the engine")
     ap.add_argument("--expert-compute", default="shared", choices=("shared", "folded"))
+    ap.add_argument(
+        "--fallback-checkpoint",
+        action="store_true",
+        help="if the run's newest complete checkpoint cannot be read, export the newest one that can",
+    )
     args = ap.parse_args(argv)
     args.formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     bad = [f for f in args.formats if f not in FORMATS]
@@ -43,13 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # per-initializer dedup chatter
     logging.getLogger("onnxscript").setLevel(logging.WARNING)  # rewriter rule chatter
     from export.pipeline import run_export
+    from nextlocmoe.model.io import set_checkpoint_fallback
 
+    set_checkpoint_fallback(args.fallback_checkpoint)
     try:
         report = run_export(
             args.run, args.out, args.formats, args.precision, args.n_check, args.topk, args.expert_compute
         )
-    except (FileNotFoundError, ValueError) as e:
-        print(f"export: error: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:  # RunError, CheckpointReadError, DataError: ValueErrors
+        print(f"export: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     o = report["onnx"]
     print(f"onnx: max_abs_diff={o['max_abs_diff']:.2e} top10_agreement={o['top10_agreement']:.3f} "

@@ -114,9 +114,9 @@ def run_export(
     from nextlocmoe.model.io import load_run
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    cfg, model, info = load_run(run_dir)
+    cfg, model, info = load_run(run_dir)  # before creating ``out``: a run that fails to load leaves nothing
+    out.mkdir(parents=True, exist_ok=True)
     log.info("loaded run %s (%.1fs)", run_dir, time.time() - t0)
     frozen = freeze_nextlocmoe(model, info, compute=compute, k=k)
     batch = samples.held_out_batch(cfg.data.dir, n_check + EXAMPLE_BATCH, pointer=cfg.model.pointer_window)

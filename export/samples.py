@@ -6,6 +6,7 @@ Shape legend: B batch, H history records, C current records, L known locations.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -68,5 +69,9 @@ def save_inputs(path: str | Path, batch: dict[str, torch.Tensor], names: tuple[s
 
 
 def load_inputs(path: str | Path) -> dict[str, torch.Tensor]:
-    with np.load(path) as z:
-        return {k: torch.from_numpy(z[k].copy()) for k in z.files}
+    """A ``save_inputs`` file -> {name: tensor}; ValueError naming the file when it cannot be read."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: torch.from_numpy(z[k].copy()) for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: cannot read the benchmark inputs ({' '.join(str(e).split())})") from None

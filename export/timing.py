@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from export import samples
-from export.backends import make_runner, read_meta
+from export.backends import ONNX_FILE, make_runner, read_meta
 
 log = logging.getLogger("bench")
 
@@ -95,6 +95,7 @@ def run_bench(
     engine_dir = Path(engine_dir)
     meta = read_meta(engine_dir)
     pool = samples.load_inputs(engine_dir / "sample_inputs.npz")
+    check_inputs(engine_dir, pool, meta["input_names"])
     result: dict[str, Any] = {"engines": str(engine_dir), "rows": [], "skipped": [], "meta": meta,
                               "torch": torch.__version__, "threads": torch.get_num_threads()}  # fmt: skip
     for name in backends:
@@ -104,6 +105,23 @@ def run_bench(
             log.info("%s skipped: %s", name, reason)
             result["skipped"].append({"backend": name, "reason": reason})
     return result
+
+
+def check_inputs(engine_dir: Path, pool: dict[str, torch.Tensor], names: list[str]) -> None:
+    """The benchmark inputs must be what the engine declares (names; dtypes and shapes from model.onnx):
+    one ValueError naming the file and the input otherwise, before any backend runs."""
+    path = engine_dir / "sample_inputs.npz"
+    missing = [n for n in names if n not in pool]
+    if missing:
+        raise ValueError(f"{path}: lacks engine input(s) {missing} (frozen.json input_names)")
+    onnx = engine_dir / ONNX_FILE
+    if onnx.is_file():
+        from export.onnx_io import OnnxInputError, OrtSession, to_numpy
+
+        try:
+            OrtSession(onnx).validate({n: to_numpy(pool[n]) for n in names})
+        except OnnxInputError as e:
+            raise ValueError(f"{path}: {e} (as declared by {onnx})") from None
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -96,7 +96,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     print(
         f"prepared {m['dataset']} -> {args.out} in {time.perf_counter() - t0:.1f} s: "
         f"{m['input_rows']} rows, {m['records']} kept, dropped {dropped or 'none'}; {m['users']} users, "
-        f"{m['locations']} locations; samples {m['samples']}; coordinates: {m['coordinate_units']}"
+        f"{m['locations']} locations; samples {m['samples']}; coordinates: {m['coordinate_system']}"
     )
     return 0
 
@@ -128,6 +128,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         default="target",
         help="with --run and another --data set (zero-shot): coordinate/duration stats of the target data "
         "set (default) or of the run's training data set (docs/EXPLAIN.md)",
+    )
+    p.add_argument(
+        "--fallback-checkpoint",
+        action="store_true",
+        help="if the run's newest complete checkpoint cannot be read, use the newest one that can",
     )
     p.set_defaults(func=_cmd_evaluate)
 
@@ -218,6 +223,11 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--top-users", type=int, default=30, help="users in the heatmap (most samples first)")
     p.add_argument("--normalise", choices=("target", "source"), default="target", help="as in evaluate")
+    p.add_argument(
+        "--fallback-checkpoint",
+        action="store_true",
+        help="if the run's newest complete checkpoint cannot be read, use the newest one that can",
+    )
     p.set_defaults(func=_cmd_explain)
 
 
@@ -263,10 +273,10 @@ def _add_tokenize(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_tokenize(args: argparse.Namespace) -> int:
-    from nextlocmoe.tokens.rqvae import TokenizerSettings, tokenize
-
     if args.levels < 1 or args.codebook < 2 or args.epochs < 1 or args.code_dim < 1:
         raise DataError("tokenize: --levels >= 1, --codebook >= 2, --epochs >= 1, --code-dim >= 1")
+    from nextlocmoe.tokens.rqvae import TokenizerSettings, tokenize
+
     s = TokenizerSettings(levels=args.levels, codebook=args.codebook, d_code=args.code_dim,
                           epochs=args.epochs, seed=args.seed)  # fmt: skip
     r = tokenize(args.data, s, log=log.info)
@@ -296,17 +306,23 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if getattr(args, "fallback_checkpoint", False):
+        from nextlocmoe.model.io import set_checkpoint_fallback
+
+        set_checkpoint_fallback(True)
     try:
         return int(args.func(args) or 0)
-    except (DataError, ValueError, RuntimeError) as e:  # RunError, ConfigError are ValueErrors
-        print(f"nextlocmoe {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"nextlocmoe {args.command}: error: {e}", file=sys.stderr)
+    except (DataError, ValueError, RuntimeError, OSError) as e:  # RunError, ConfigError: ValueErrors
+        print(f"nextlocmoe {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line (multi-line library messages folded)."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `train.*` importable when run as a script
 
-from train.launch import init_process_group, shutdown  # noqa: E402
-
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,12 +32,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from nextlocmoe.config import ConfigError, load_config
+    from train.ds_config import DSConfigError, load_strategy
 
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        load_strategy(args.deepspeed)  # a broken strategy file fails here, before any process group starts
+    except (ConfigError, DSConfigError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
+    from train.launch import init_process_group, shutdown  # torch + deepspeed: after the cheap checks
+
     d = init_process_group(cfg)
     try:
         from train.loop import train_run

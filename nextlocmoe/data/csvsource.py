@@ -11,15 +11,17 @@ import numpy as np
 
 from nextlocmoe.data.parsing import (
     DataError,
+    ids_as_int_if_all,
     local_weekday_hour,
     parse_float,
+    parse_id,
     parse_int,
     parse_time_minutes,
     parse_weekday,
     read_csv_columns,
     sha256_file,
 )
-from nextlocmoe.data.sources import RecordTable, _apply_reasons, note_drops, valid_latlon
+from nextlocmoe.data.sources import RecordTable, _apply_reasons, first_drop_line, note_malformed, valid_latlon
 
 WEEK_MIN = 7 * 1440
 
@@ -65,65 +67,79 @@ def _csv_path(source: Path) -> Path:
     return source
 
 
+def _parse_rows(spec: CsvSpec, raw: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list]:
+    """Parsed columns (user, venue, minutes or wd/hr, lat, lon, dur) and the drop reasons with the fields
+    and raw values each checks (for the 'file:line: field=value' examples)."""
+    v: dict[str, np.ndarray] = {}
+    v["user"], ok_u = parse_id(raw[spec.user_col])
+    v["venue"], ok_v = parse_id(raw[spec.venue_col])
+    ids = [(spec.user_col, ~ok_u, raw[spec.user_col]), (spec.venue_col, ~ok_v, raw[spec.venue_col])]
+    reasons = [("missing_field", ~(ok_u & ok_v), ids)]
+    if spec.time_col:
+        v["minutes"], ok_t = parse_time_minutes(raw[spec.time_col])
+        t_detail = [(spec.time_col, ~ok_t, raw[spec.time_col])]
+    else:
+        v["wd"], ok_w = parse_weekday(raw[spec.weekday_col])
+        v["hr"], ok_h = parse_int(raw[spec.hour_col])
+        ok_h &= (v["hr"] >= 0) & (v["hr"] < 24)
+        ok_t = ok_w & ok_h
+        t_detail = [(spec.weekday_col, ~ok_w, raw[spec.weekday_col])]
+        t_detail.append((spec.hour_col, ~ok_h, raw[spec.hour_col]))
+    reasons.append(("unparsable_time", ~ok_t, t_detail))
+    v["lat"] = v["lon"] = np.full(len(v["user"]), np.nan)
+    if spec.lat_col:
+        v["lat"], _ = parse_float(raw[spec.lat_col])
+        v["lon"], _ = parse_float(raw[spec.lon_col])
+        bad = ~valid_latlon(v["lat"], v["lon"])
+        detail = [(spec.lat_col, bad, raw[spec.lat_col]), (spec.lon_col, bad, raw[spec.lon_col])]
+        reasons.append(("bad_coordinate", bad, detail))
+    if spec.duration_col:
+        v["dur"], ok_d = parse_float(raw[spec.duration_col])
+        ok_d &= v["dur"] >= 0
+        reasons.append(("bad_duration", ~ok_d, [(spec.duration_col, ~ok_d, raw[spec.duration_col])]))
+    return v, reasons
+
+
 def read_csv_source(source: Path, spec: CsvSpec) -> RecordTable:
-    """Read a generic check-in CSV into a RecordTable (split by time later)."""
+    """Read a generic check-in CSV into a RecordTable (split by time later). Ids may be any text."""
     spec.check()
     path = _csv_path(source)
     c = read_csv_columns(path, spec.columns())
-    raw, dropped = c.cols, Counter({"malformed_row": c.n_malformed})
+    raw, dropped = c.cols, Counter()
     examples: dict[str, list[str]] = {}
-    note_drops(examples, "malformed_row", f"{path.name}:", c.malformed_lines)
-    user, venue = raw[spec.user_col], raw[spec.venue_col]
-    reasons = [("missing_field", (np.char.str_len(user) == 0) | (np.char.str_len(venue) == 0))]
-    if spec.time_col:
-        minutes, ok_t = parse_time_minutes(raw[spec.time_col])
-    else:
-        wd, ok_w = parse_weekday(raw[spec.weekday_col])
-        hr, ok_h = parse_int(raw[spec.hour_col])
-        ok_t = ok_w & ok_h & (hr >= 0) & (hr < 24)
-    reasons.append(("unparsable_time", ~ok_t))
-    lat = lon = np.full(len(user), np.nan)
-    if spec.lat_col:
-        lat, _ = parse_float(raw[spec.lat_col])
-        lon, _ = parse_float(raw[spec.lon_col])
-        reasons.append(("bad_coordinate", ~valid_latlon(lat, lon)))
-    dur = None
-    if spec.duration_col:
-        dur, ok_d = parse_float(raw[spec.duration_col])
-        reasons.append(("bad_duration", ~(ok_d & (dur >= 0))))
-    keep = _apply_reasons(reasons, dropped, len(user), examples, (f"{path.name}:", c.lines))
+    first: dict[str, str] = {}
+    note_malformed(c, dropped, examples, first)
+    v, reasons = _parse_rows(spec, raw)
+    keep = _apply_reasons(reasons, dropped, len(v["user"]), examples, (f"{path.name}:", c.lines), first)
     if not keep.any():
-        raise DataError(f"{path}: no usable rows (dropped: {dict(dropped)})")
+        raise DataError(f"{path}: no usable rows of {c.n_rows}: {first_drop_line(dropped, first)}")
+    user = v["user"][keep]
     if spec.time_col:
-        t, weekday, hour, origin = _from_timestamps(minutes[keep], spec.timezone)
+        t, weekday, hour, origin = _from_timestamps(v["minutes"][keep], spec.timezone)
     else:
         order = raw[spec.order_col][keep] if spec.order_col else None
-        t, origin = _from_weekday_hour(user[keep], wd[keep], hr[keep], order)
-        weekday, hour = wd[keep].astype(np.int8), hr[keep].astype(np.int8)
+        wd, hr = v["wd"][keep], v["hr"][keep]
+        t, origin = _from_weekday_hour(user, wd, hr, order)
+        weekday, hour = wd.astype(np.int8), hr.astype(np.int8)
     return RecordTable(
         dataset="csv",
-        user=_maybe_int(user[keep]),
-        venue=_maybe_int(venue[keep]),
+        user=ids_as_int_if_all(user),
+        venue=ids_as_int_if_all(v["venue"][keep]),
         t_min=t,
-        lat=lat[keep],
-        lon=lon[keep],
+        lat=v["lat"][keep],
+        lon=v["lon"][keep],
         weekday=weekday,
         hour=hour,
         input_rows=c.n_rows,
         dropped=dropped,
         drop_examples=examples,
+        drop_first=first,
         source_sha256={path.name: sha256_file(path)},
         time_origin=origin,
-        dur_min=None if dur is None else dur[keep],
+        dur_min=v["dur"][keep] if "dur" in v else None,
         category=raw[spec.category_col][keep] if spec.category_col else None,
         coordinate_units="degrees" if spec.lat_col else "none",
     )
-
-
-def _maybe_int(ids: np.ndarray) -> np.ndarray:
-    """[R] str ids -> int64 when every one is an integer (numeric order of dense ids), else unchanged."""
-    num, ok = parse_int(ids)
-    return num if len(ids) and ok.all() else ids
 
 
 def _from_timestamps(minutes: np.ndarray, tz: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:

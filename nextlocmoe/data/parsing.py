@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,15 +61,29 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _first_bad_utf8_line(path: Path) -> str:
+    """'line N, byte 0xXX at column C' of the first line of ``path`` that is not valid UTF-8."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"line {line_no}, byte 0x{raw[e.start]:02x} at column {e.start + 1}"
+    return "unknown line"
+
+
 def read_csv_columns(path: Path, required: list[str], optional: list[str] = ()) -> CsvColumns:
     """Read `required` (+ present `optional`) columns of a headed CSV; rows with a wrong column count are
     counted as malformed (e.g. a truncated last line) and skipped.
 
-    Raises DataError when the file cannot be read or the header lacks a required column.
+    Accepts what spreadsheets write: a UTF-8 byte-order mark, CRLF line ends, quoted fields (with commas or
+    quotes inside), spaces around header names. Raises DataError naming the file (and line) when the file
+    cannot be read, is not UTF-8, or the header lacks a required column.
     """
     path = Path(path)
+    line_no = 0
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None:
@@ -85,7 +100,8 @@ def read_csv_columns(path: Path, required: list[str], optional: list[str] = ()) 
             bad: list[int] = []
             n_rows = 0
             for row in reader:
-                if not row:
+                line_no = reader.line_num
+                if not row or (len(row) == 1 and not row[0].strip() and width > 1):
                     continue
                 n_rows += 1
                 if len(row) != width:
@@ -93,8 +109,14 @@ def read_csv_columns(path: Path, required: list[str], optional: list[str] = ()) 
                     continue
                 rows.append([row[i] for i in idx])
                 lines.append(reader.line_num)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"{path}: cannot read CSV ({e})") from e
+    except UnicodeDecodeError:
+        raise DataError(
+            f"{path}: {_first_bad_utf8_line(path)}: not UTF-8 text (re-save the file as UTF-8)"
+        ) from None
+    except csv.Error as e:
+        raise DataError(f"{path}: line {line_no + 1}: cannot parse CSV ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read CSV ({e})") from None
     if bad:
         log.warning(
             "%s: %d row(s) with a wrong column count (first at line %d): dropped", path, len(bad), bad[0]
@@ -109,10 +131,18 @@ def load_npy(path: Path, ncols: int, kinds: str, what: str) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found ({what})")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":
+        raise DataError(f"{path}: not a .npy file (no NumPy header; {what})")
     try:
         arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"{path}: cannot read .npy ({e})") from e
+    except ValueError as e:
+        if "pickle" in str(e):  # an object array: unpickling could run code
+            raise DataError(f"{path}: holds pickled Python objects, refused (expected {what})") from None
+        raise DataError(f"{path}: cannot read .npy ({e})") from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read .npy ({e})") from None
     if arr.ndim != 2 or arr.shape[1] != ncols:
         raise DataError(f"{path}: expected a 2-D array [rows, {ncols}] ({what}), got shape {arr.shape}")
     if arr.dtype.kind not in kinds:
@@ -140,6 +170,30 @@ def parse_int(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ok &= np.floor(f) == f
     out = np.where(ok, f, 0).astype(np.int64)
     return out, ok
+
+
+_INT_ID = re.compile(r"^[+-]?\d+(\.0*)?$")
+
+
+def parse_id(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[R] str ids (any text: integers, Foursquare hex venue ids, names) -> ([R] stripped str, [R] bool ok);
+    an empty id is not ok."""
+    ids = np.char.strip(values.astype(str))
+    return ids, np.char.str_len(ids) > 0
+
+
+def ids_as_int_if_all(ids: np.ndarray) -> np.ndarray:
+    """[R] str ids -> int64 when every one is an integer and distinct strings stay distinct ids ('7' and
+    '07' would merge, so they stay strings); else the str ids unchanged. Integer ids keep numeric order."""
+    if not len(ids):
+        return ids
+    uniq = np.unique(ids)
+    if not all(_INT_ID.match(u) and len(u.split(".")[0].lstrip("+-")) <= 18 for u in uniq):
+        return ids
+    num = np.array([int(float(u)) if "." in u else int(u) for u in uniq], dtype=np.int64)
+    if len(np.unique(num)) != len(uniq):
+        return ids
+    return num[np.searchsorted(uniq, ids)]
 
 
 def _iso_minutes(v: str) -> float:

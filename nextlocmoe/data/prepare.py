@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from nextlocmoe.data.csvsource import CsvSpec, read_csv_source
 from nextlocmoe.data.layout import write_json, write_store
 from nextlocmoe.data.parsing import DataError, load_npy
 from nextlocmoe.data.recovery import register_affine
-from nextlocmoe.data.sources import RecordTable, read_fsq_nyc, read_llmmob
+from nextlocmoe.data.sources import RecordTable, first_drop_line, read_fsq_nyc, read_llmmob
 from nextlocmoe.data.windows import build
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,11 @@ def read_source(dataset: str, source: Path, csv_spec: CsvSpec | None = None) -> 
 def recover_llmmob_coordinates(table: RecordTable, reference_poi: Path | None) -> dict:
     """Try to map llmmob-fsq-nyc's [-1, 1] coordinates to WGS84; updates table in place when accepted."""
     if reference_poi is None or not Path(reference_poi).is_file():
-        return {"attempted": False, "reason": f"reference venue table not found: {reference_poi}"}
+        return {
+            "attempted": False,
+            "reason": f"reference venue table not found: {reference_poi}",
+            "reference": str(reference_poi),
+        }
     ref = load_npy(Path(reference_poi), 3, "f", "rows [venue_id, latitude, longitude]")[:, 1:]
     norm = np.unique(np.stack([table.lat, table.lon], axis=1), axis=0)
     fit = register_affine(norm, ref)
@@ -62,14 +68,19 @@ def prepare(
         raise DataError("need --history >= 1, --current >= 1, --min-history >= 0, --duration-cap-min > 0")
     if min_history > history:
         raise DataError(f"--min-history {min_history} exceeds --history {history}")
-    source = Path(source)
+    source, out = Path(source), Path(out)
     if not source.exists():
         raise DataError(f"{source}: source not found")
+    check_out_dir(out)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     table = read_source(dataset, source, csv_spec)
     timings["read_s"] = time.perf_counter() - t0
     log.info("read %s: %d of %d rows usable", dataset, len(table), table.input_rows)
+    if len(table) == 0:
+        raise DataError(f"{source}: no usable rows of {table.input_rows}: "
+                        f"{first_drop_line(table.dropped, table.drop_first)}")  # fmt: skip
+    check_enough_records(table, source, current + 1 + min_history)
     recovery = None
     if dataset == "llmmob-fsq-nyc":
         if reference_poi is None:
@@ -84,13 +95,67 @@ def prepare(
     kept, dropped = manifest["kept_rows"], sum(manifest["dropped"].values())
     if kept + dropped != table.input_rows:
         raise DataError(f"row accounting broken: kept {kept} + dropped {dropped} != input {table.input_rows}")
-    t2 = time.perf_counter()
+    if kept == 0:
+        raise DataError(f"{source}: no records left of {table.input_rows} rows: "
+                        f"{first_drop_line(prep.dropped, table.drop_first)}")  # fmt: skip
     manifest["timings_s"] = timings
-    write_store(prep, Path(out), manifest)
-    timings["write_s"] = time.perf_counter() - t2
-    timings["total_s"] = time.perf_counter() - t0
-    write_json(Path(out) / "manifest.json", manifest)  # again, with the final timings
+    write_atomically(prep, out, manifest, t0)
     return manifest
+
+
+def check_out_dir(out: Path) -> None:
+    """``--out`` must be new, empty, or an earlier ``prepare`` output (which is then replaced whole)."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and not (out / "manifest.json").is_file():
+        entries = sorted(p.name for p in out.iterdir())
+        if entries:
+            n = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+            raise DataError(
+                f"--out {out}: folder is not empty ({n}, e.g. {entries[0]!r}) and is not "
+                "a `nextlocmoe prepare` output (no manifest.json); give a new or empty folder"
+            )
+
+
+def check_enough_records(table: RecordTable, source: Path, need: int) -> None:
+    """DataError when no user has the ``need`` = current + 1 + min_history distinct records (user, venue,
+    t_min; duplicates are dropped first) a sample takes: every row would be dropped."""
+    users, ucode = np.unique(table.user, return_inverse=True)
+    vcode = np.unique(table.venue, return_inverse=True)[1]
+    distinct = np.unique(np.stack([ucode.reshape(-1), vcode.reshape(-1), table.t_min], axis=1), axis=0)
+    counts = np.bincount(distinct[:, 0], minlength=len(users))
+    if counts.max() >= need:
+        return
+    top = int(np.argmax(counts))
+    dups = len(table) - len(distinct)
+    raise DataError(
+        f"{source}: no usable users: all {len(table)} usable rows would be dropped as user_too_short"
+        + (f" or duplicate ({dups} duplicates)" if dups else "")
+        + f": every user has fewer than {need} distinct records (--current + 1 + --min-history); the most "
+        f"is user {users[top].item()!r} with {int(counts[top])} (of {len(users)} users)"
+    )
+
+
+def write_atomically(prep, out: Path, manifest: dict, t0: float) -> None:
+    """Write the store into a temporary sibling folder, then swap it in for ``out``: a failed or
+    interrupted prepare leaves no half-written folder (and an earlier output untouched)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        t2 = time.perf_counter()
+        write_store(prep, tmp, manifest)
+        manifest["timings_s"]["write_s"] = time.perf_counter() - t2
+        manifest["timings_s"]["total_s"] = time.perf_counter() - t0
+        write_json(tmp / "manifest.json", manifest)  # again, with the final timings
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _manifest(
@@ -108,6 +173,7 @@ def _manifest(
         "samples": {k: int(len(v)) for k, v in prep.samples.items()},
         "dropped": {k: int(v) for k, v in sorted(prep.dropped.items())},
         "drop_examples": {k: v for k, v in sorted(table.drop_examples.items()) if v},
+        "drop_first_example": dict(sorted(table.drop_first.items())),
         "time_origin": table.time_origin,
         "history": history,
         "current": current,
@@ -123,6 +189,7 @@ def _manifest(
             s: int((rec["split"] == i).sum()) for i, s in enumerate(("train", "valid", "test"))
         },
     }
+    m["coordinate_system"] = coordinate_system(table, units, recovery)
     if units == "normalised":
         m["coordinate_note"] = (
             "x/y are the source's normalised [-1, 1] units, NOT metres; distances are not metres"
@@ -132,3 +199,27 @@ def _manifest(
     m.update(prep.info)
     m.update(table.extra)
     return m
+
+
+def coordinate_system(table: RecordTable, units: str, recovery: dict | None) -> str:
+    """One line: which coordinates the store holds and why (summary line and manifest)."""
+    if units == "none":
+        return "none (the data set has no coordinates)"
+    if units == "degrees" and recovery is None:
+        src = "NYC_POI.npy venue table" if table.dataset == "fsq-nyc" else "the lat/lon columns"
+        return f"WGS84 from {src}; x/y Web-Mercator metres"
+    if units == "degrees":
+        return (
+            f"WGS84, recovered (affine registration to {recovery['reference']}), median residual "
+            f"{recovery['median_residual_m']:.2f} m; x/y Web-Mercator metres"
+        )
+    if recovery is None:
+        return "normalised source units (not metres)"
+    if not recovery.get("attempted", True):
+        why = f"no reference venue table at {recovery['reference']}"
+    else:
+        why = (
+            f"recovery against {recovery['reference']} rejected: median residual "
+            f"{recovery['median_residual_m']:.1f} m >= 30 m"
+        )
+    return f"normalised source units [-1, 1], not metres ({why})"

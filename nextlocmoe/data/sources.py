@@ -14,9 +14,11 @@ import numpy as np
 
 from nextlocmoe.data.parsing import (
     DataError,
+    ids_as_int_if_all,
     load_npy,
     local_weekday_hour,
     parse_float,
+    parse_id,
     parse_int,
     read_csv_columns,
     sha256_file,
@@ -55,6 +57,7 @@ class RecordTable:
     coordinate_units: str = "degrees"
     extra: dict = field(default_factory=dict)
     drop_examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first "file:line" rows
+    drop_first: dict[str, str] = field(default_factory=dict)  # reason -> "file:line: field=value" (first)
 
     def __len__(self) -> int:
         return len(self.t_min)
@@ -96,14 +99,16 @@ def read_fsq_nyc(source: Path, origin: str = FSQ_NYC_ORIGIN, tz: str = FSQ_NYC_T
     known = poi_id[j] == venue
     lat, lon = np.where(known, poi_lat[j], np.nan), np.where(known, poi_lon[j], np.nan)
     dropped: Counter = Counter()
+    bad_xy = ~valid_latlon(lat, lon)
     reasons = [
-        ("unknown_venue", ~known),
-        ("bad_coordinate", ~valid_latlon(lat, lon)),
-        ("unparsable_time", t < 0),
+        ("unknown_venue", ~known, [("venue_id (column 1, not in NYC_POI.npy)", ~known, venue)]),
+        ("bad_coordinate", bad_xy, [("NYC_POI.npy latitude", bad_xy, lat), ("longitude", bad_xy, lon)]),
+        ("unparsable_time", t < 0, [("t_minutes (column 2)", t < 0, t)]),
     ]
     examples: dict[str, list[str]] = {}
+    first: dict[str, str] = {}
     keep = _apply_reasons(
-        reasons, dropped, len(t), examples, (f"{checkins_path.name} row ", np.arange(len(t)))
+        reasons, dropped, len(t), examples, (f"{checkins_path.name} row ", np.arange(len(t))), first
     )
     origin_dt = datetime.fromisoformat(origin)
     origin_utc_min = int(origin_dt.timestamp() // 60)
@@ -129,6 +134,7 @@ def read_fsq_nyc(source: Path, origin: str = FSQ_NYC_ORIGIN, tz: str = FSQ_NYC_T
         dropped=dropped,
         source_sha256={p.name: sha256_file(p) for p in (checkins_path, poi_path)},
         drop_examples=examples,
+        drop_first=first,
         time_origin=time_origin,
     )
 
@@ -143,23 +149,49 @@ def note_drops(examples: dict[str, list[str]], reason: str, where: str, rows) ->
         have.append(f"{where}{int(r)}")
 
 
+Reason = tuple  # (name, [n] bad) or (name, [n] bad, [(field, [n] field bad, [n] raw values), ...])
+
+
 def _apply_reasons(
-    reasons: list[tuple[str, np.ndarray]],
+    reasons: list[Reason],
     dropped: Counter,
     n: int,
     examples: dict[str, list[str]] | None = None,
     where: tuple[str, np.ndarray] | None = None,
+    first: dict[str, str] | None = None,
 ) -> np.ndarray:
     """Count each row under its FIRST failing reason; returns the [n] bool keep mask. With ``where`` =
-    (prefix, [n] line/row numbers) the first dropped rows of each reason are noted in ``examples``."""
+    (prefix, [n] line/row numbers) the first dropped rows of each reason are noted in ``examples``, and in
+    ``first`` the first one as "file:line: field='value'" (the first failing field of the reason's)."""
     keep = np.ones(n, dtype=bool)
-    for name, bad in reasons:
+    for name, bad, *details in reasons:
         hit = keep & bad
         dropped[name] += int(hit.sum())
         if examples is not None and where is not None and hit.any():
             note_drops(examples, name, where[0], where[1][hit])
+            if first is not None and name not in first:
+                first[name] = _describe(int(np.argmax(hit)), where, details[0] if details else [])
         keep &= ~bad
     return keep
+
+
+def _describe(i: int, where: tuple[str, np.ndarray], details: list) -> str:
+    """'file:line: field=value' of dropped row ``i`` (every failing field of the reason's, comma-joined)."""
+    parts = [f"{f}={str(v[i])!r}" for f, fbad, v in details if fbad[i]]
+    return f"{where[0]}{int(where[1][i])}" + (f": {', '.join(parts)}" if parts else "")
+
+
+def first_drop_line(dropped: Counter, first: dict[str, str]) -> str:
+    """The dominant drop reason with its count and first example, for 'no usable rows' errors."""
+    live = {k: v for k, v in dropped.items() if v}
+    if not live:
+        return "no data rows"
+    top = max(live, key=lambda k: live[k])
+    others = {k: v for k, v in sorted(live.items()) if k != top}
+    text = f"{live[top]} dropped as {top}"
+    if top in first:
+        text += f", first at {first[top]}"
+    return text + (f"; also {others}" if others else "")
 
 
 LLMMOB_FILES = {
@@ -176,16 +208,18 @@ def read_llmmob(source: Path, dataset: str) -> RecordTable:
     parts: list[dict[str, np.ndarray]] = []
     dropped: Counter = Counter()
     examples: dict[str, list[str]] = {}
+    first: dict[str, str] = {}
     input_rows = 0
     for path, code in zip(paths, SPLIT_CODES.values(), strict=True):
         c = read_csv_columns(path, required)
         input_rows += c.n_rows
-        dropped["malformed_row"] += c.n_malformed
-        note_drops(examples, "malformed_row", f"{path.name}:", c.malformed_lines)
-        part = _parse_llmmob_part(c.cols, dataset, dropped, examples, (f"{path.name}:", c.lines))
+        note_malformed(c, dropped, examples, first)
+        part = _parse_llmmob_part(c.cols, dataset, dropped, examples, (f"{path.name}:", c.lines), first)
         part["split"] = np.full(len(part["t_min"]), code, dtype=np.int8)
         parts.append(part)
     cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    # ids are text (e.g. Foursquare hex venue ids); integers only when every id of the data set is one
+    cols["user"], cols["venue"] = ids_as_int_if_all(cols["user"]), ids_as_int_if_all(cols["venue"])
     n = len(cols["t_min"])
     no_coord = np.full(n, np.nan)
     origin = "start_day 0, 00:00 of the LLM-Mob preprocessing (calendar date not published)"
@@ -202,6 +236,7 @@ def read_llmmob(source: Path, dataset: str) -> RecordTable:
         dropped=dropped,
         source_sha256={p.name: sha256_file(p) for p in paths},
         drop_examples=examples,
+        drop_first=first,
         time_origin=f"t_min = start_day * 1440 + start_min, minutes since {origin}; weekday from the file's "
         "weekday column, hour = start_min // 60 (local time of the source)",
         dur_min=cols.get("dur"),
@@ -211,27 +246,46 @@ def read_llmmob(source: Path, dataset: str) -> RecordTable:
     return table
 
 
+def note_malformed(c, dropped: Counter, examples: dict, first: dict) -> None:
+    """Count a CsvColumns' wrong-column-count rows under malformed_row (file:line examples)."""
+    dropped["malformed_row"] += c.n_malformed
+    note_drops(examples, "malformed_row", f"{c.path.name}:", c.malformed_lines)
+    if c.malformed_lines and "malformed_row" not in first:
+        first["malformed_row"] = (
+            f"{c.path.name}:{c.malformed_lines[0]}: wrong column count (header has {len(c.header)})"
+        )
+
+
 def _parse_llmmob_part(
-    raw: dict[str, np.ndarray], dataset: str, dropped: Counter, examples: dict, where: tuple
+    raw: dict[str, np.ndarray], dataset: str, dropped: Counter, examples: dict, where: tuple, first: dict
 ) -> dict[str, np.ndarray]:
-    user, ok_u = parse_int(raw["user_id"])
-    venue, ok_v = parse_int(raw["location_id"])
+    user, ok_u = parse_id(raw["user_id"])
+    venue, ok_v = parse_id(raw["location_id"])
     day, ok_d = parse_int(raw["start_day"])
     minute, ok_m = parse_int(raw["start_min"])
     weekday, ok_w = parse_int(raw["weekday"])
-    ok_t = ok_d & ok_m & ok_w & (day >= 0) & (minute >= 0) & (minute < 1440) & (weekday >= 0) & (weekday < 7)
-    reasons = [("missing_field", ~(ok_u & ok_v)), ("unparsable_time", ~ok_t)]
+    ok_d &= day >= 0
+    ok_m &= (minute >= 0) & (minute < 1440)
+    ok_w &= (weekday >= 0) & (weekday < 7)
+    ok_t = ok_d & ok_m & ok_w
+    id_detail = [("user_id", ~ok_u, raw["user_id"]), ("location_id", ~ok_v, raw["location_id"])]
+    t_detail = [(f, ~ok, raw[f]) for f, ok in (("start_day", ok_d), ("start_min", ok_m), ("weekday", ok_w))]
+    reasons = [("missing_field", ~(ok_u & ok_v), id_detail), ("unparsable_time", ~ok_t, t_detail)]
     out: dict[str, np.ndarray] = {}
     if dataset == "llmmob-fsq-nyc":
         lat, ok_a = parse_float(raw["latitude"])
         lon, ok_o = parse_float(raw["longitude"])
-        reasons.append(("bad_coordinate", ~(ok_a & ok_o & (np.abs(lat) <= 1.0) & (np.abs(lon) <= 1.0))))
+        ok_a &= np.abs(lat) <= 1.0
+        ok_o &= np.abs(lon) <= 1.0
+        detail = [("latitude", ~ok_a, raw["latitude"]), ("longitude", ~ok_o, raw["longitude"])]
+        reasons.append(("bad_coordinate", ~(ok_a & ok_o), detail))
         out.update(lat=lat, lon=lon)
     else:
         dur, ok_dur = parse_float(raw["duration"])
-        reasons.append(("bad_duration", ~(ok_dur & (dur >= 0))))
+        ok_dur &= dur >= 0
+        reasons.append(("bad_duration", ~ok_dur, [("duration", ~ok_dur, raw["duration"])]))
         out["dur"] = dur
-    keep = _apply_reasons(reasons, dropped, len(user), examples, where)
+    keep = _apply_reasons(reasons, dropped, len(user), examples, where, first)
     out.update(user=user, venue=venue, t_min=day * 1440 + minute, weekday=weekday.astype(np.int8))
     out["hour"] = (minute // 60).astype(np.int8)
     return {k: v[keep] for k, v in out.items()}

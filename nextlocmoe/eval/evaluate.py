@@ -22,7 +22,7 @@ from nextlocmoe.data.store import (
     load_manifest,
     load_stats,
 )
-from nextlocmoe.eval.baselines import baseline_report
+from nextlocmoe.eval.baselines import baseline_report, distance_errors
 from nextlocmoe.eval.metrics import ranking_metrics
 from nextlocmoe.eval.ranking import rank_by_point
 from nextlocmoe.geo import haversine_m, mercator_to_latlon
@@ -72,15 +72,21 @@ def _point_metrics(res: dict, data_dir: str | Path, stats: dict | None = None) -
     stats, locs = stats or load_stats(data_dir), load_locations(data_dir)
     pred_m = denormalise_xy(res["pred_xy"], stats)
     ranks, _ = rank_by_point(pred_m, locs["xy"], res["target_loc"])
-    lat, lon = mercator_to_latlon(pred_m[:, 0], pred_m[:, 1])
     t = res["target_loc"]
+    if load_manifest(data_dir).get("coordinate_units", "degrees") == "normalised":  # not metres
+        m = ranking_metrics(ranks, None)
+        m["mean_distance_normalised"] = float(np.linalg.norm(pred_m - locs["xy"][t], axis=1).mean())
+        return m
+    lat, lon = mercator_to_latlon(pred_m[:, 0], pred_m[:, 1])
     return ranking_metrics(ranks, haversine_m(lat, lon, locs["lat"][t], locs["lon"][t]))
 
 
 def _scored_metrics(res: dict, data_dir: str | Path) -> dict:
-    locs, t, top1 = load_locations(data_dir), res["target_loc"], res["scored_top1"]
-    dist = haversine_m(locs["lat"][top1], locs["lon"][top1], locs["lat"][t], locs["lon"][t])
-    return ranking_metrics(res["scored_rank"], dist)
+    dist, units = distance_errors(data_dir, res["scored_top1"], res["target_loc"])
+    m = ranking_metrics(res["scored_rank"], dist if units == "metres" else None)
+    if units == "normalised":  # source units of a store without WGS84 (DATA.md)
+        m["mean_distance_normalised"] = float(dist.mean()) if len(dist) else None
+    return m
 
 
 def evaluate_model(
@@ -98,8 +104,8 @@ def evaluate_model(
     the baselines on the same samples under ``baselines`` (``task``: next | recovery, QTMOB.md).
     ``stats``: normalisation statistics other than the data set's own (zero-shot ``--normalise source``)."""
     manifest = load_manifest(data_dir)
-    if manifest.get("coordinate_units", "degrees") != "degrees":
-        raise ValueError(f"{data_dir}: model evaluation needs WGS84 coordinates in the location table")
+    if manifest.get("coordinate_units", "degrees") not in ("degrees", "normalised"):
+        raise ValueError(f"{data_dir}: model evaluation needs location coordinates")
     res = predict_split(model, data_dir, split, batch_size, max_samples, task, stats)
     rankings = {"point": _point_metrics(res, data_dir, stats)}
     if "scored_rank" in res:

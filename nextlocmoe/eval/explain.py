@@ -394,7 +394,7 @@ def explain_run(
     stats = load_stats(cfg.data.dir) if normalise == "source" else None
     raw = collect_routing(model, data, split, max_samples, batch_size or cfg.data.eval_batch_size, stats)
     locs = load_locations(data)
-    user_ids = np.load(data / "users.npy", allow_pickle=True) if (data / "users.npy").is_file() else None
+    user_ids = np.load(data / "users.npy", allow_pickle=False) if (data / "users.npy").is_file() else None
     rep = summarise(raw, pool, locs.get("category"), top_users, user_ids=user_ids)
     rep = {"run": str(run_dir), "data": str(data), "dataset": load_manifest(data).get("dataset"),
            "split": split, "normalise": normalise,

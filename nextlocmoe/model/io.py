@@ -7,6 +7,7 @@ expert-parallel layer back to the single-device ``PersonalMoE`` lives in ``exper
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -15,7 +16,9 @@ import yaml
 from nextlocmoe.config import Config, config_from_dict
 from nextlocmoe.data.store import load_locations, load_manifest, load_stats, normalise_xy
 from nextlocmoe.model.nextlocmoe import DataInfo, NextLocMoE, build_model
+from nextlocmoe.model.safe_load import CheckpointReadError, safe_torch_load
 
+log = logging.getLogger(__name__)
 CONSOLIDATED = "model_state.pt"  # single-device state dict written beside DeepSpeed checkpoints
 
 
@@ -46,13 +49,57 @@ def load_run_config(run_dir: str | Path) -> Config:
     return config_from_dict(yaml.safe_load(path.read_text()))
 
 
-def newest_checkpoint(run_dir: str | Path) -> Path:
-    """The newest *complete* checkpoint folder under run_dir/checkpoints (complete = has COMPLETE marker)."""
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders (step<N>/ with a COMPLETE marker) under run_dir/checkpoints, newest
+    first; RunError when there is none."""
     root = Path(run_dir) / "checkpoints"
-    done = [p for p in root.glob("step*") if (p / "COMPLETE").is_file()] if root.is_dir() else []
+    done = [
+        p
+        for p in (root.glob("step*") if root.is_dir() else [])
+        if p.name.removeprefix("step").isdigit() and (p / "COMPLETE").is_file()
+    ]
     if not done:
         raise RunError(f"{root}: no complete checkpoint (folders step*/ with a COMPLETE marker)")
-    return max(done, key=lambda p: int(p.name.removeprefix("step")))
+    return sorted(done, key=lambda p: int(p.name.removeprefix("step")), reverse=True)
+
+
+def newest_checkpoint(run_dir: str | Path) -> Path:
+    """The newest *complete* checkpoint folder under run_dir/checkpoints (complete = has COMPLETE marker)."""
+    return complete_checkpoints(run_dir)[0]
+
+
+_FALLBACK = {"enabled": False}
+
+
+def set_checkpoint_fallback(enabled: bool) -> None:
+    """``--fallback-checkpoint`` of evaluate / explain / export: when the newest complete checkpoint of a
+    run cannot be read, ``load_run`` uses the newest one that does (with a warning) instead of failing."""
+    _FALLBACK["enabled"] = bool(enabled)
+
+
+def readable_checkpoint(run_dir: str | Path, fallback: bool | None = None) -> tuple[Path, dict]:
+    """(folder, state dict) of the run's newest complete checkpoint. When it cannot be read, the error
+    names its file and step and the newest older checkpoint that reads; with ``fallback`` (default: the
+    ``set_checkpoint_fallback`` switch) that older one is used instead, with a warning."""
+    fallback = _FALLBACK["enabled"] if fallback is None else fallback
+    ckpts = complete_checkpoints(run_dir)
+    try:
+        return ckpts[0], read_model_state(ckpts[0])
+    except CheckpointReadError as e:
+        first = e
+    for older in ckpts[1:]:
+        try:
+            state = read_model_state(older)
+        except CheckpointReadError:
+            continue
+        if fallback:
+            log.warning("%s; falling back to the newest readable checkpoint %s", first, older)
+            return older, state
+        raise CheckpointReadError(
+            f"{first}; newest readable checkpoint: {older.name} ({older}); rerun with --fallback-checkpoint "
+            "to use it"
+        ) from None
+    raise CheckpointReadError(f"{first}; no older complete checkpoint of {run_dir} reads either") from None
 
 
 def read_model_state(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -60,7 +107,11 @@ def read_model_state(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     per-rank / per-expert files gathered into one (any ep_size)."""
     ckpt_dir = Path(ckpt_dir)
     if (ckpt_dir / CONSOLIDATED).is_file():
-        return torch.load(ckpt_dir / CONSOLIDATED, map_location="cpu", weights_only=True)
+        state = safe_torch_load(ckpt_dir / CONSOLIDATED, f"checkpoint {ckpt_dir.name}")
+        if not isinstance(state, dict):
+            raise CheckpointReadError(f"checkpoint {ckpt_dir.name} file {ckpt_dir / CONSOLIDATED} "
+                                      "unreadable: not a state dict")  # fmt: skip
+        return state
     from nextlocmoe.model.expert_ckpt import gather_deepspeed_state
 
     return gather_deepspeed_state(ckpt_dir)
@@ -109,12 +160,13 @@ def checkpoint_dir(path: str | Path) -> Path:
                    "checkpoint folder (checkpoints/step<N>/ with COMPLETE)")  # fmt: skip
 
 
-def load_weights(model: NextLocMoE, ckpt: str | Path, info: DataInfo) -> bool:
+def load_weights(model: NextLocMoE, ckpt: str | Path, info: DataInfo, state: dict | None = None) -> bool:
     """Load a checkpoint folder saved with any ep_size into the single-device ``model`` built on ``info``'s
     data. When the checkpoint's scored head belongs to another location table (another data set) its
     per-location entries (LOCATION_KEYS) are skipped and the model keeps its own; returns True then.
-    A checkpoint of another model shape raises RunError naming the folder."""
-    state = read_model_state(ckpt)
+    A checkpoint of another model shape raises RunError naming the folder. ``state``: ``ckpt``'s already
+    read state dict."""
+    state = read_model_state(ckpt) if state is None else state
     foreign = model.scored is not None and foreign_locations(state, info)
     try:
         load_model_state(model, ckpt, state, skip=LOCATION_KEYS if foreign else ())
@@ -141,10 +193,13 @@ def load_run(
     if normalise not in ("target", "source"):
         raise ValueError(f"normalise must be 'target' or 'source', not {normalise!r}")
     cfg = load_run_config(run_dir)
+    state = None
+    if ckpt is None:  # read first: an unreadable checkpoint fails before the model is built
+        ckpt, state = readable_checkpoint(run_dir)
     stats_dir = cfg.data.dir if normalise == "source" else None
     info = data_info_from_dir(data_dir or cfg.data.dir, stats_dir)
     model = build_model(cfg.model, info)
-    foreign = load_weights(model, ckpt or newest_checkpoint(run_dir), info)
+    foreign = load_weights(model, ckpt, info, state)
     model.location_transfer = None
     if foreign:
         with torch.no_grad():

@@ -213,10 +213,10 @@ def check_checkpoint(engine, routing: str, out: Path, rank: int) -> None:
         for e in range(toy.E):
             f = tag_dir / f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt"
             assert f.is_file(), f
-            keys = list(torch.load(f, map_location="cpu", weights_only=False))
+            keys = list(torch.load(f, map_location="cpu", weights_only=True))
             assert len(keys) == 6 and all(".deepspeed_experts." in k for k in keys), keys
     main_path = tag_dir / "mp_rank_00_model_states.pt"
-    main = torch.load(main_path, map_location="cpu", weights_only=False)["module"]
+    main = torch.load(main_path, map_location="cpu", weights_only=True)["module"]
     assert not any("deepspeed_experts" in k for k in main), "expert tensors in the main file"
     assert sum(".base_ffn." in k for k in main) == 2 * 3, "the shared base FFN must be saved once per layer"
     state = gather_expert_state(ckpt, "step3")

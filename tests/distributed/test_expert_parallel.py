@@ -21,8 +21,8 @@ TOL = dict(atol=2e-5, rtol=1e-4)
 
 
 def _load(out: Path) -> tuple[dict, list[dict]]:
-    ref = torch.load(out / "ref.pt", weights_only=False)
-    ep2 = [torch.load(out / f"ep2_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    ref = torch.load(out / "ref.pt", weights_only=True)
+    ep2 = [torch.load(out / f"ep2_rank{r}.pt", weights_only=True) for r in (0, 1)]
     return ref, ep2
 
 

@@ -234,7 +234,7 @@ def test_ep2_checkpoint_reloads_on_one_device(reference: Path, tmp_path: Path) -
         out = tmp_path / f"pred{nproc}.pt"
         ok(run(torchrun("--standalone", f"--nproc_per_node={nproc}", worker, str(reference),
                         "ds_configs/zero2.json", str(out), *extra)))  # fmt: skip
-        eng = torch.load(out, weights_only=False)
+        eng = torch.load(out, weights_only=True)
         assert eng["ep_size"] == (2 if nproc == 2 else 1)
         assert torch.allclose(pred.xy, eng["xy"], atol=1e-5), (pred.xy - eng["xy"]).abs().max()
         diff = (pred.scores - eng["scores"]).abs().max()
