@@ -24,8 +24,10 @@ from nextlocmoe.eval.evaluate import evaluate_model
 
 SCORED_TRANSFER = "scored head without its per-location embedding term: distance to the predicted point + "
 SCORED_TRANSFER += "visit counts in the sample's own history / current window (learned beta, a_hist, a_cur)"
-POINTER_TRANSFER = "copy/explore head without the source city's per-location embedding term and bias: the id-free"
-POINTER_TRANSFER += " pointer over the sample's own earlier records + distance terms of the generator"
+POINTER_TRANSFER = "copy/explore head without the source city's per-location embedding term and bias: "
+POINTER_TRANSFER += (
+    "the id-free pointer over the sample's own earlier records + distance terms of the generator"
+)
 
 
 def _same_source(a: dict, b: dict) -> bool:

@@ -39,9 +39,14 @@ def test_forward_shapes_and_aux(model, debug_cfg: Config) -> None:
     assert aux.semantic.probs_TE.shape == (4 * 5, 5) and aux.semantic.ids_TK.shape == (4 * 5, 2)
     parts = compute_loss(pred, aux, b, debug_cfg.loss, 1000.0)
     assert torch.isfinite(parts.total) and parts.entropy > 0
-    assert parts.total.item() == pytest.approx(
-        parts.distance_m.item() + 300.0 * parts.entropy.item() + 1000.0 * parts.scored.item(), rel=1e-5
+    routing = 300.0 * parts.balance.item() + 100.0 * (
+        parts.semantic_balance.item() + parts.semantic_entropy.item()
     )
+    assert parts.total.item() == pytest.approx(
+        parts.distance_m.item() + 300.0 * parts.entropy.item() + 1000.0 * parts.scored.item() + routing,
+        rel=1e-5,
+    )
+    assert parts.semantic_entropy.item() > 0 and parts.balance.item() >= 0
 
 
 def test_padded_history_is_ignored(model) -> None:
