@@ -129,11 +129,31 @@ def save_checkpoint(engine, run_dir: Path, step: int, d: Dist) -> Path:
     root = run_dir / "checkpoints"
     tag = f"step{step}"
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, exclude_frozen_parameters=True)
+    if engine.zero_optimization_partition_weights():
+        save_consolidated(engine, root / tag, d)
     dist.barrier()
     if d.is_main:
         (root / f"step{step}" / "COMPLETE").write_text(json.dumps({"step": step, "time": time.time()}))
     dist.barrier()
     return root / f"step{step}"
+
+
+def save_consolidated(engine, ckpt: Path, d: Dist) -> None:
+    """ZeRO-3 (replicated mode only): DeepSpeed's model file holds partitioned (empty) parameters, so rank
+    0 also writes the trainable parameters and the buffers, gathered, under single-device names as
+    ``model_state.pt`` (``nextlocmoe.model.io.CONSOLIDATED``, read first by evaluate / export /
+    train.init_from). Collective: every rank calls it."""
+    import deepspeed
+
+    from nextlocmoe.model.io import CONSOLIDATED
+
+    module = engine.module
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
+        state = {n: p.detach().float().cpu().clone() for n, p in trainable}
+    state.update({n: b.detach().cpu().clone() for n, b in module.named_buffers() if n in module.state_dict()})
+    if d.is_main:
+        torch.save(state, ckpt / CONSOLIDATED)
 
 
 def agree_resume_step(run_dir: Path, d: Dist, device: torch.device | str = "cpu") -> int:

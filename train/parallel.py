@@ -44,8 +44,9 @@ from nextlocmoe.model.routing import HistoryAwareRouter, RoutingAux, select
 
 ZERO3_MOE_ERROR = (
     "Native DeepSpeed MoE is not supported with ZeRO Stage 3 — use ZeRO-1/2 (train.zero_stage=1 or 2, "
-    "ds_configs/zero1.json / zero2.json / zero2_offload.json); the MoE layers are DeepSpeed MoE layers at "
-    "any ep_size, so ep_size=1 does not lift this."
+    "ds_configs/zero1.json / zero2.json / zero2_offload.json) or train.moe_parallel=replicated (no "
+    "DeepSpeed MoE layers); in expert mode the layers are DeepSpeed MoE layers at any ep_size, so "
+    "ep_size=1 does not lift this."
 )
 
 
