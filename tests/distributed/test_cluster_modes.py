@@ -82,7 +82,8 @@ def test_modes_give_the_same_losses(runs: Path) -> None:
     a, b = losses(runs / "expert"), losses(runs / "replicated")
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     worst = max(abs(a[s] - b[s]) / abs(a[s]) for s in a)
-    assert worst < 1e-5, worst  # fp32 tolerance: per-expert vs shared-base math, other reduction order
+    # fp32 tolerance: per-expert vs shared-base math, another summation order
+    assert worst < (1e-4 if torch.cuda.is_available() else 1e-5), worst
     print(f"expert vs replicated, {STEPS} steps on 2 ranks: max relative loss difference {worst:.2e}")
     rows = [json.loads(x) for x in (runs / "expert" / "metrics.jsonl").read_text().splitlines()]
     st = rows[-1]["expert_stats"][0]
@@ -118,7 +119,7 @@ def test_both_modes_resume_onto_the_curve(runs: Path, nyc: Path, tmp_path: Path,
     ref, got = losses(runs / mode), losses(tmp_path / mode)
     assert sorted(got) == list(range(1, STEPS + 1))
     for s in range(HALF + 1, STEPS + 1):
-        assert got[s] == pytest.approx(ref[s], rel=1e-6), (s, got[s], ref[s])
+        assert got[s] == pytest.approx(ref[s], rel=1e-4 if torch.cuda.is_available() else 1e-6), s
 
 
 @pytest.mark.parametrize("mode", list(MODES))
