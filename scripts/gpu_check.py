@@ -70,6 +70,16 @@ def last_metrics(run_dir: Path) -> dict[str, Any]:
             "samples_per_s": last["samples_per_s"], "expert_stats": last.get("expert_stats")}  # fmt: skip
 
 
+def bench_figures(path: Path) -> dict[str, Any]:
+    """bench.json; a requested backend other than TensorRT (not on the GPU image) that was skipped is a
+    failure (e.g. torch.compile or AOTInductor broken)."""
+    rep = json.loads(path.read_text())
+    broken = [s for s in rep["skipped"] if s["backend"] != "tensorrt"]
+    if broken:
+        raise RuntimeError(f"backends skipped: {broken}")
+    return rep
+
+
 class Check:
     """Runs the steps, collects one JSON, remembers failures."""
 
@@ -150,11 +160,11 @@ def run_all(c: Check) -> None:
         backends = "torch,onnxruntime" if a.dry_run else "torch,compile,aoti,onnxruntime,tensorrt"
         bench = c.work / "bench.json"
         if ok:
-            c.step("bench", [sys.executable, "export/bench.py", "--engines", str(eng), "--backends", backends,
-                             "--batch-sizes", "1,8" if a.dry_run else "1,8,64", "--budget-s",
-                             "0.3" if a.dry_run else "2", "--warmup-s", "0.2" if a.dry_run else "1",
-                             "--out", str(bench)], 900,
-                   lambda: {"rows": json.loads(bench.read_text())})  # fmt: skip
+            dry = a.dry_run
+            cmd = [sys.executable, "export/bench.py", "--engines", str(eng), "--backends", backends,
+                   "--batch-sizes", "1,8" if dry else "1,8,64", "--budget-s", "0.3" if dry else "2",
+                   "--warmup-s", "0.2" if dry else "1", "--out", str(bench)]  # fmt: skip
+            c.step("bench", cmd, 900, lambda: bench_figures(bench))
     else:
         c.skip("resume", "no replicated run")
 

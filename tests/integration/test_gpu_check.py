@@ -46,4 +46,4 @@ def test_dry_run_passes_every_step(tmp_path: Path) -> None:
         assert rep["steps"][name]["rc"] == 0, (name, rep["steps"][name])
     assert rep["steps"]["resume"]["steps"][1] > rep["steps"]["train_replicated"]["steps"][1]
     assert rep["steps"]["export"]["onnx"]["max_abs_diff"] <= 1e-4
-    assert {r["backend"] for r in rep["steps"]["bench"]["rows"]["rows"]} >= {"torch", "onnxruntime"}
+    assert {r["backend"] for r in rep["steps"]["bench"]["rows"]} >= {"torch", "onnxruntime"}
