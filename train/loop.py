@@ -151,7 +151,8 @@ def save_consolidated(engine, ckpt: Path, d: Dist) -> None:
     trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
         state = {n: p.detach().float().cpu().clone() for n, p in trainable}
-    state.update({n: b.detach().cpu().clone() for n, b in module.named_buffers() if n in module.state_dict()})
+    persistent = set(module.state_dict())
+    state.update({n: b.detach().cpu().clone() for n, b in module.named_buffers() if n in persistent})
     if d.is_main:
         torch.save(state, ckpt / CONSOLIDATED)
 
