@@ -155,7 +155,7 @@ def run_all(c: Check) -> None:
         )
         eng = c.work / "engines"
         ok = c.step("export", [sys.executable, "export/export.py", "--run", str(rep), "--out", str(eng),
-                               "--format", "onnx,tensorrt"], 600,
+                               "--format", "onnx,tensorrt", "--n-check", "16" if a.dry_run else "64"], 600,
                     lambda: json.loads((eng / "export_report.json").read_text()))  # fmt: skip
         backends = "torch,onnxruntime" if a.dry_run else "torch,compile,aoti,onnxruntime,tensorrt"
         bench = c.work / "bench.json"
