@@ -234,6 +234,11 @@ class TrainConfig:
     ckpt_every: int = 100
     max_eval_samples: int = 0  # 0 = all
     init_from: str = ""  # run or checkpoint folder: start from its weights (any ep_size), not a resume
+    # How the personalized MoE is parallelised (docs/TRAINING.md): "expert" = DeepSpeed-MoE expert
+    # parallelism (ep_size ranks share the experts); "replicated" = every rank holds all LoRA experts,
+    # plain data parallel + ZeRO (0-3), the single-device shared-base compute.
+    moe_parallel: str = "expert"
+    capacity_factor: float = 0.0  # expert mode: 0 = no token dropping; c > 0: capacity ceil(c*T*K/E)
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps must be >= 1")
@@ -241,6 +246,12 @@ class TrainConfig:
         _check(self.ep_size >= 1, "train.ep_size must be >= 1")
         _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0..3")
         _check(self.grad_accum >= 1, "train.grad_accum must be >= 1")
+        mp = self.moe_parallel
+        _check(mp in ("expert", "replicated"), "train.moe_parallel must be expert|replicated")
+        _check(mp == "expert" or self.ep_size == 1, "train.moe_parallel=replicated needs train.ep_size=1")
+        _check(self.capacity_factor >= 0, "train.capacity_factor must be >= 0")
+        ok = mp == "expert" or self.capacity_factor == 0
+        _check(ok, "train.capacity_factor applies to train.moe_parallel=expert only")
 
 
 @dataclass

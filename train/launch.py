@@ -48,14 +48,35 @@ def init_process_group(cfg: Config) -> Dist:
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     import deepspeed.comm as dist
 
-    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    if d.world % cfg.train.ep_size:
-        raise SystemExit(
-            f"train: error: train.ep_size={cfg.train.ep_size} must divide the world size {d.world}"
-        )
-    if cuda:
-        torch.cuda.set_device(d.local_rank)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    d = Dist(dist.get_rank(), dist.get_world_size(), local)
+    try:
+        check_world(cfg.train.ep_size, d.world)
+        if cuda:
+            d.device_index = cuda_device_index(local, torch.cuda.device_count())
+            torch.cuda.set_device(d.device_index)
+    except ValueError as e:
+        raise SystemExit(f"train: error: {e}") from None
     return d
+
+
+def check_world(ep_size: int, world: int) -> None:
+    """train.ep_size must divide the world size (expert-data-parallel groups); one-line ValueError."""
+    if world % ep_size:
+        raise ValueError(f"train.ep_size={ep_size} must divide the world size {world}")
+
+
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of this process. Under srun per-task GPU binding (``--gpus-per-task=1``,
+    CUDA_VISIBLE_DEVICES holding one device) every task sees one device, index 0, whatever its LOCAL_RANK;
+    with the node's GPUs visible (torchrun, deepspeed launcher) LOCAL_RANK indexes them."""
+    if visible < 1:
+        raise ValueError("CUDA is available but no device is visible (CUDA_VISIBLE_DEVICES?)")
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise ValueError(f"LOCAL_RANK={local_rank} but only {visible} CUDA devices are visible")
+    return local_rank
 
 
 def shutdown() -> None:
@@ -70,8 +91,10 @@ def shutdown() -> None:
 
 
 def final_eval(run_dir: Path, cfg: Config) -> dict:
-    """Rank 0: reload the final checkpoint into the single-device model (experts from DeepSpeed's
-    per-expert files, any ep_size) and write eval.json (CONTRACT.md keys + baselines)."""
+    """Rank 0, AFTER the process group is torn down (no other rank waits in a barrier or collective, so no
+    NCCL / DeepSpeed timeout applies): reload the final checkpoint into the single-device model (experts
+    from DeepSpeed's per-expert files, any ep_size) and write eval.json (CONTRACT.md keys + baselines).
+    On CPU: ``nextlocmoe.eval.evaluate.predict_split`` does not move batches to a device yet."""
     from nextlocmoe.eval.evaluate import evaluate_model
     from nextlocmoe.model.io import load_run
 

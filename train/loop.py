@@ -10,6 +10,7 @@ interrupted run was, and the loss curve matches an uninterrupted one.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -31,6 +32,7 @@ class Dist:
     rank: int
     world: int
     local_rank: int
+    device_index: int | None = None  # CUDA device of this process (train/launch.py), None on CPU
 
     @property
     def is_main(self) -> bool:
@@ -92,31 +94,43 @@ def build_engine(cfg: Config, ds_json: str, d: Dist):
     model = build_model(cfg.model, info)
     if cfg.train.init_from:
         init_weights(model, cfg.train.init_from, info, d)
-    model = parallelize(model, cfg.train.ep_size)
+    if cfg.train.moe_parallel == "expert":  # replicated: the single-device model as it is (plain DP + ZeRO)
+        model = parallelize(model, cfg.train.ep_size, cfg.train.capacity_factor)
     check_strategy(cfg.train.zero_stage, model_has_moe(model))
     groups = moe_param_groups(model, cfg.train.lr, cfg.train.weight_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
+    # DeepSpeed picks its device from LOCAL_RANK unless told (wrong under srun per-task GPU binding)
+    args = None if d.device_index is None else argparse.Namespace(device_rank=d.device_index)
+    engine, _, _, _ = deepspeed.initialize(
+        args=args, model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg
+    )
     return engine, info
 
 
-def _reduce_mean(values: dict[str, float], d: Dist) -> dict[str, float]:
+def _reduce_mean(values: dict[str, float], d: Dist, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Mean over ranks of a few scalars. ``device``: the accelerator's current device (engine.device):
+    NCCL has no CPU tensors."""
     if d.world == 1:
         return values
     import deepspeed.comm as dist
 
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(values, (t / d.world).tolist(), strict=True))
 
 
 def save_checkpoint(engine, run_dir: Path, step: int, d: Dist) -> Path:
-    """All ranks write their shard / experts; rank 0 marks the folder COMPLETE after a barrier."""
+    """All ranks write their shard / experts; rank 0 marks the folder COMPLETE after a barrier. Frozen
+    parameters (the backbone) are not saved: loading rebuilds them from the backbone (model.backbone.path,
+    or the seeded debug build) and reads the rest over them."""
     import deepspeed.comm as dist
 
     root = run_dir / "checkpoints"
-    engine.save_checkpoint(str(root), tag=f"step{step}", client_state={"step": step})
+    tag = f"step{step}"
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, exclude_frozen_parameters=True)
+    if engine.zero_optimization_partition_weights():
+        save_consolidated(engine, root / tag, d)
     dist.barrier()
     if d.is_main:
         (root / f"step{step}" / "COMPLETE").write_text(json.dumps({"step": step, "time": time.time()}))
@@ -124,13 +138,60 @@ def save_checkpoint(engine, run_dir: Path, step: int, d: Dist) -> Path:
     return root / f"step{step}"
 
 
-def resume_step(engine, run_dir: Path) -> int:
-    """Load the newest complete checkpoint (model, optimizer, scheduler); returns its step (0 if none)."""
-    try:
-        ckpt = newest_checkpoint(run_dir)
-    except RunError:
+def save_consolidated(engine, ckpt: Path, d: Dist) -> None:
+    """ZeRO-3 (replicated mode only): DeepSpeed's model file holds partitioned (empty) parameters, so rank
+    0 also writes the trainable parameters and the buffers, gathered, under single-device names as
+    ``model_state.pt`` (``nextlocmoe.model.io.CONSOLIDATED``, read first by evaluate / export /
+    train.init_from). Collective: every rank calls it."""
+    import deepspeed
+
+    from nextlocmoe.model.io import CONSOLIDATED
+
+    module = engine.module
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
+        state = {n: p.detach().float().cpu().clone() for n, p in trainable}
+    persistent = set(module.state_dict())
+    state.update({n: b.detach().cpu().clone() for n, b in module.named_buffers() if n in persistent})
+    if d.is_main:
+        torch.save(state, ckpt / CONSOLIDATED)
+
+
+def agree_resume_step(run_dir: Path, d: Dist, device: torch.device | str = "cpu") -> int:
+    """The step to resume from, chosen by rank 0 (its newest complete checkpoint, 0 if none) and broadcast,
+    so that ranks with node-local or lagging storage cannot load different steps. Every rank then checks
+    it sees that folder; if one does not, all ranks raise the same one-line error (no deadlock)."""
+    import deepspeed.comm as dist
+
+    step = 0
+    if d.is_main:
+        try:
+            step = int(newest_checkpoint(run_dir).name.removeprefix("step"))
+        except RunError:
+            step = 0
+    if d.world == 1:
+        return step
+    t = torch.tensor([step], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    step = int(t.item())
+    seen = torch.tensor([1 if step == 0 or (run_dir / "checkpoints" / f"step{step}").is_dir() else 0],
+                        dtype=torch.int64, device=device)  # fmt: skip
+    dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+    if not seen.item():
+        raise RunError(f"--resume: rank 0 resumes from step{step} but a rank does not see "
+                       f"{run_dir / 'checkpoints' / f'step{step}'} (shared storage needed)")  # fmt: skip
+    return step
+
+
+def resume_step(engine, run_dir: Path, d: Dist) -> int:
+    """Load the checkpoint of the agreed step (model, optimizer, scheduler); returns it (0 if none).
+    Frozen parameters are not in the checkpoint (``save_checkpoint``): they keep the values the model was
+    built with (the backbone), hence ``load_module_strict=False``."""
+    step = agree_resume_step(run_dir, d, engine.device)
+    if step == 0:
         return 0
-    _, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    root = run_dir / "checkpoints"
+    _, client = engine.load_checkpoint(str(root), tag=f"step{step}", load_module_strict=False)
     return int(client["step"])
 
 
@@ -183,10 +244,28 @@ def train_step(engine, batch: dict[str, torch.Tensor], cfg: Config, xy_std: floa
         batch = mix_recovery(batch, cfg.model.tokens.recovery_masks, lw.next_weight, lw.recovery_weight, seed)
     batch = {k: v.to(engine.device) for k, v in batch.items()}
     pred, aux = engine(batch)
+    if cfg.train.moe_parallel == "replicated":
+        from train.parallel import fill_balancing_loss
+
+        fill_balancing_loss(aux.personal)
     parts = compute_loss(pred, aux, batch, cfg.loss, xy_std)
     engine.backward(parts.total)
     engine.step()
-    return parts, aux
+    return parts, aux, batch
+
+
+def load_report(engine, aux, batch: dict[str, torch.Tensor], d: Dist) -> tuple[list, list]:
+    """Per MoE layer: expert_load (share per expert, padding excluded, all ranks) and expert_stats
+    (train/monitor.py: dead experts, min/max load, capacity, padding ratio, dropped share)."""
+    from train.monitor import layer_rows, token_mask
+    from train.parallel import DSPersonalMoE
+
+    layers = [m for m in engine.module.modules() if hasattr(m, "bind") and hasattr(m, "cfg")]
+    stats = [m.last_stats if isinstance(m, DSPersonalMoE) else None for m in layers]
+    if not aux.personal:
+        return [], []
+    mask_T = token_mask(batch, aux.personal[0].ids_TK.shape[0])
+    return layer_rows(aux.personal, stats, mask_T, d.world, engine.device)
 
 
 def routing_log(aux) -> dict:
@@ -220,14 +299,12 @@ def train_run(cfg: Config, ds_json: str, d: Dist, resume: bool = False) -> Path:
     """The whole job; returns the run folder."""
     from tqdm import tqdm
 
-    from train.parallel import expert_load
-
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     engine, info = build_engine(cfg, ds_json, d)
-    start = resume_step(engine, run_dir) if resume else 0
+    start = resume_step(engine, run_dir, d) if resume else 0
     xy_std = info.xy_std_m
     train_ds = TrajectoryDataset(cfg.data.dir, "train", pointer=cfg.model.pointer_window)
     batches = StepBatches(train_ds, cfg.data.batch_size, d, cfg.train.seed)
@@ -240,16 +317,16 @@ def train_run(cfg: Config, ds_json: str, d: Dist, resume: bool = False) -> Path:
         step_aux = []
         for a in range(acc):
             ms = (step - 1) * acc + a
-            parts, aux = train_step(engine, batches(ms), cfg, xy_std, ms)
+            parts, aux, batch = train_step(engine, batches(ms), cfg, xy_std, ms)
             step_aux.append(aux)
         engine.module.balance_step(step_aux, _sum_over_ranks)  # selection biases (model/balance.py)
         seen += cfg.data.batch_size * acc * d.world
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == total:
-            row = {"step": step, **_reduce_mean(parts.as_floats(), d)}
+            row = {"step": step, **_reduce_mean(parts.as_floats(), d, engine.device)}
             row["lr"] = engine.get_lr()[0]
             row["samples_per_s"] = seen / (time.perf_counter() - t0)
-            row["expert_load"] = expert_load(aux.personal, reduce=True)
+            row["expert_load"], row["expert_stats"] = load_report(engine, aux, batch, d)
             row["routing"] = routing_log(aux)
             log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.1f}", dist_m=f"{row['loss_distance']:.0f}")

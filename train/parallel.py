@@ -22,6 +22,7 @@ G ep_size, El = E / G local experts, Cap capacity (max tokens any expert receive
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,9 @@ from nextlocmoe.model.routing import HistoryAwareRouter, RoutingAux, select
 
 ZERO3_MOE_ERROR = (
     "Native DeepSpeed MoE is not supported with ZeRO Stage 3 — use ZeRO-1/2 (train.zero_stage=1 or 2, "
-    "ds_configs/zero1.json / zero2.json / zero2_offload.json); the MoE layers are DeepSpeed MoE layers at "
-    "any ep_size, so ep_size=1 does not lift this."
+    "ds_configs/zero1.json / zero2.json / zero2_offload.json) or train.moe_parallel=replicated (no "
+    "DeepSpeed MoE layers); in expert mode the layers are DeepSpeed MoE layers at any ep_size, so "
+    "ep_size=1 does not lift this."
 )
 
 
@@ -59,7 +61,9 @@ class HistoryAwareGate(TopKGate):
     forward's routing (probs_TE, ids_TK, w_TK) is kept in ``last`` for the layer's RoutingAux.
     """
 
-    def __init__(self, router: HistoryAwareRouter, cfg: PersonalMoEConfig, d_model: int) -> None:
+    def __init__(
+        self, router: HistoryAwareRouter, cfg: PersonalMoEConfig, d_model: int, capacity_factor: float = 0.0
+    ) -> None:
         super().__init__(
             d_model,
             cfg.num_experts,
@@ -75,6 +79,8 @@ class HistoryAwareGate(TopKGate):
         self.cfg = cfg
         self.context: torch.Tensor | None = None
         self.last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.cap_factor = capacity_factor  # 0: no dropping (capacity = the largest expert load)
+        self.stats: dict[str, torch.Tensor] = {}  # last forward's capacity / dispatched / dropped / routed
 
     def forward(
         self,
@@ -94,7 +100,8 @@ class HistoryAwareGate(TopKGate):
         scale = self.router.sel_bias_E.float().exp()  # balancing bias (model/balance.py)
         ids_TK, w_TK = select(probs_TE, c.routing, c.top_k, c.tau, c.k_max, c.renormalize, scale)
         self.last = (probs_TE, ids_TK, w_TK)
-        return sparse_routes_from_selection(probs_TE, ids_TK, w_TK, self.ep_group)
+        cf, st = self.cap_factor, self.stats
+        return sparse_routes_from_selection(probs_TE, ids_TK, w_TK, self.ep_group, cf, st)
 
     def _router_fp32(self, x_TD: torch.Tensor, ctx_TC: torch.Tensor) -> torch.Tensor:
         """The router with fp32 weights even when the engine cast the module to bf16 (bf16 routers flip
@@ -123,26 +130,44 @@ def expert_counts(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 def sparse_routes_from_selection(
-    probs_TE: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, ep_group: Any = None
+    probs_TE: torch.Tensor,
+    ids_TK: torch.Tensor,
+    w_TK: torch.Tensor,
+    ep_group: Any = None,
+    capacity_factor: float = 0.0,
+    stats: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Routing contract -> DeepSpeed's sparse-route 7-tuple, no token dropped.
+    """Routing contract -> DeepSpeed's sparse-route 7-tuple.
 
-    Location of (t, k) = number of earlier tokens routed to the same expert; capacity = max over experts
-    (and over the expert-parallel group) of the tokens an expert receives. l_aux = E * sum_e mean_prob_e *
-    frac_e (Switch/GShard; frac_e = share of used (token, slot) pairs on expert e; 1.0 when balanced).
+    Location of (t, k) = number of earlier tokens routed to the same expert. capacity_factor 0: no token
+    dropped, capacity = max over experts (and over the expert-parallel group) of the tokens an expert
+    receives. capacity_factor c > 0: capacity = ceil(c * T * K / E) and pairs at locations >= capacity are
+    dropped (index -1, gate 0: the token keeps its residual only for that slot). l_aux = E * sum_e
+    mean_prob_e * frac_e (Switch/GShard, on the router's selection before dropping; 1.0 when balanced).
+    ``stats`` (optional) receives capacity / dispatched / dropped / routed pair counts (0-dim tensors).
     """
     T, E = probs_TE.shape
+    K = ids_TK.shape[1]
     used_TK = ids_TK >= 0
     safe_TK = ids_TK.clamp_min(0).long()
     mask_TE = torch.zeros(T, E, dtype=torch.long, device=ids_TK.device)
     mask_TE.scatter_add_(1, safe_TK, used_TK.long())  # ids of one token are distinct: 0/1 entries
     exp_counts = mask_TE.sum(0).detach()
-    capacity = exp_counts.max().clone()
-    if pg_utils.is_parallel(ep_group):
-        dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=ep_group)
     loc_TE = torch.cumsum(mask_TE, dim=0) - 1
     loc_TK = loc_TE.gather(1, safe_TK) * used_TK
     l_aux = load_balancing_loss(probs_TE, exp_counts)
+    routed = used_TK.sum()
+    if capacity_factor > 0:
+        capacity = torch.full_like(exp_counts[0], max(1, math.ceil(capacity_factor * T * K / E)))
+        used_TK = used_TK & (loc_TK < capacity)
+        loc_TK = loc_TK * used_TK
+    else:
+        capacity = exp_counts.max().clone()
+        if pg_utils.is_parallel(ep_group):
+            dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=ep_group)
+    if stats is not None:
+        kept = used_TK.sum()
+        stats.update(capacity=capacity.detach(), dispatched=kept, dropped=routed - kept, routed=routed)
     indices_KT = torch.where(used_TK, ids_TK, torch.full_like(ids_TK, -1)).t().contiguous().to(torch.int32)
     locations_KT = loc_TK.t().contiguous().to(torch.int32)
     gates_KT = (w_TK * used_TK).t().contiguous().float()
@@ -214,7 +239,7 @@ class DSPersonalMoE(MoE):
     forward, where l_aux is the gate's load-balancing loss for the local tokens.
     """
 
-    def __init__(self, layer: PersonalMoE, ep_size: int, ep_rank: int) -> None:
+    def __init__(self, layer: PersonalMoE, ep_size: int, ep_rank: int, capacity_factor: float = 0.0) -> None:
         cfg = layer.cfg
         base = layer.experts.base
         d_model = base.gate_proj.in_features
@@ -239,17 +264,23 @@ class DSPersonalMoE(MoE):
         self.deepspeed_moe.experts = SharedBaseLoRAExperts(
             base, loras, layer.experts.scaling, cfg.lora_dropout, self.expert_group_name
         )
-        self.deepspeed_moe.gate = HistoryAwareGate(copy.deepcopy(layer.router), cfg, d_model)
+        gate = HistoryAwareGate(copy.deepcopy(layer.router), cfg, d_model, capacity_factor)
+        self.deepspeed_moe.gate = gate
         self._ctx_BC: torch.Tensor | None = None
         self._sink: list[RoutingAux] | None = None
 
     @classmethod
-    def from_local(cls, layer: PersonalMoE, ep_size: int) -> DSPersonalMoE:
+    def from_local(cls, layer: PersonalMoE, ep_size: int, capacity_factor: float = 0.0) -> DSPersonalMoE:
         """Build from a single-device PersonalMoE: copies the router and this rank's experts' LoRA tensors
         (the frozen base module is shared, not copied)."""
         if layer.cfg.num_experts % ep_size != 0:
             raise ValueError(f"num_experts {layer.cfg.num_experts} is not divisible by ep_size {ep_size}")
-        return cls(layer, ep_size, expert_parallel_rank(ep_size))
+        return cls(layer, ep_size, expert_parallel_rank(ep_size), capacity_factor)
+
+    @property
+    def last_stats(self) -> dict[str, torch.Tensor]:
+        """The last forward's capacity / dispatched / dropped / routed pair counts (train/monitor.py)."""
+        return self.deepspeed_moe.gate.stats
 
     @property
     def router(self) -> HistoryAwareRouter:
@@ -277,7 +308,7 @@ class DSPersonalMoE(MoE):
 # Model-level helpers
 
 
-def parallelize(model: nn.Module, ep_size: int) -> nn.Module:
+def parallelize(model: nn.Module, ep_size: int, capacity_factor: float = 0.0) -> nn.Module:
     """Replace every PersonalMoE submodule by a DSPersonalMoE (in place; returns ``model``).
 
     Call after ``deepspeed.init_distributed()`` and before ``deepspeed.initialize``.
@@ -286,7 +317,7 @@ def parallelize(model: nn.Module, ep_size: int) -> nn.Module:
     for name, layer in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, DSPersonalMoE.from_local(layer, ep_size))
+        setattr(parent, attr, DSPersonalMoE.from_local(layer, ep_size, capacity_factor))
     return model
 
 
@@ -373,3 +404,14 @@ def scatter_expert_state(local_state: dict[str, torch.Tensor], model: nn.Module)
         else:
             out[key] = local_state[to_local_key(key)]
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Replicated mode (train.moe_parallel=replicated): the single-device PersonalMoE on every rank
+
+
+def fill_balancing_loss(aux_list: list[RoutingAux]) -> None:
+    """Give each layer's RoutingAux the same load-balancing l_aux the expert-parallel gate computes (on
+    this rank's tokens), so ``loss_aux`` / ``loss.aux_weight`` mean the same in both modes. In place."""
+    for a in aux_list:
+        a.l_aux = load_balancing_loss(a.probs_TE, expert_counts(a.ids_TK, a.probs_TE.shape[-1]))

@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 2 train/train.py --config ... --deepspeed ...      (CPU: gloo)
     torchrun --nnodes 2 --node_rank R --master_addr HOST --master_port P --nproc_per_node G train/train.py ...
 
-Thin entry: parse -> set up the process group -> train (train/loop.py) -> evaluate on rank 0 -> close.
+Thin entry: parse -> set up the process group -> train (train/loop.py) -> close -> evaluate on rank 0.
 """
 
 from __future__ import annotations
@@ -47,15 +47,16 @@ def main(argv: list[str] | None = None) -> int:
         from train.loop import train_run
 
         run_dir = train_run(cfg, args.deepspeed, d, resume=args.resume)
-        if d.is_main and not args.no_eval:
-            from train.launch import final_eval
-
-            final_eval(run_dir, cfg)
     except (ValueError, FileNotFoundError) as e:  # config / strategy / data errors: one line, exit 2
         print(f"train: error: {e}", file=sys.stderr)
         return 2
     finally:
         shutdown()
+    # After teardown: no rank waits in a barrier while rank 0 evaluates (no collective timeout applies).
+    if d.is_main and not args.no_eval:
+        from train.launch import final_eval
+
+        final_eval(run_dir, cfg)
     return 0
 
 

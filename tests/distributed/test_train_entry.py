@@ -37,6 +37,9 @@ ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
 STEPS, HALF = 10, 5  # the job: STEPS optimizer steps, a checkpoint at HALF and at STEPS
 EVAL_SAMPLES = 200
+# CPU: resume / re-launch are bit-identical (FACTS.md). CUDA: index_add / scatter_add use atomics
+# (non-deterministic summation order), so a real tolerance.
+REL = 1e-4 if torch.cuda.is_available() else 1e-6
 
 
 def job(data: Path, out: Path, name: str, *extra: str, evaluate: bool = False) -> list[str]:
@@ -96,19 +99,19 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Same keys, same values (fp32; resume and re-launch are bit-identical per FACTS.md, allow 1e-6)."""
+    """Same keys, same values (fp32; bit-identical on CPU per FACTS.md, tolerance REL on CUDA)."""
     assert a.keys() == b.keys()
     worst = 0.0
     for k in a:
         diff = (a[k].float() - b[k].float()).abs().max().item() if a[k].numel() else 0.0
-        assert diff <= 1e-6 * (1 + a[k].float().abs().max().item()), (k, diff)
+        assert diff <= REL * (1 + a[k].float().abs().max().item()), (k, diff)
         worst = max(worst, diff)
     return worst
 
 
 def assert_same_curve(got: dict[int, float], ref: dict[int, float], steps) -> None:
     for s in steps:
-        assert got[s] == pytest.approx(ref[s], rel=1e-6), (s, got[s], ref[s])
+        assert got[s] == pytest.approx(ref[s], rel=REL), (s, got[s], ref[s])
 
 
 def free_port() -> int:
