@@ -90,15 +90,33 @@ def test_final_eval_runs_after_teardown(monkeypatch, tmp_path) -> None:
     import train.train as entry
 
     calls = []
-    monkeypatch.setattr(entry, "init_process_group", lambda cfg: loop.Dist(0, 2, 0))
-    monkeypatch.setattr(entry, "shutdown", lambda: calls.append("shutdown"))
+    # the entry imports these from train.launch after its cheap config checks: patch them there
+    monkeypatch.setattr(launch, "init_process_group", lambda cfg: loop.Dist(0, 2, 0))
+    monkeypatch.setattr(launch, "shutdown", lambda: calls.append("shutdown"))
     monkeypatch.setattr(loop, "train_run", lambda *a, **k: calls.append("train") or tmp_path)
     monkeypatch.setattr(launch, "final_eval", lambda run_dir, cfg: calls.append("eval"))
-    assert entry.main(["--config", str(ROOT / "configs" / "debug.yaml"), "--deepspeed", "x.json"]) == 0
+    assert (
+        entry.main(
+            [
+                "--config",
+                str(ROOT / "configs" / "debug.yaml"),
+                "--deepspeed",
+                str(ROOT / "ds_configs" / "zero2.json"),
+            ]
+        )
+        == 0
+    )
     assert calls == ["train", "shutdown", "eval"]
     calls.clear()
-    monkeypatch.setattr(entry, "init_process_group", lambda cfg: loop.Dist(1, 2, 1))
-    entry.main(["--config", str(ROOT / "configs" / "debug.yaml"), "--deepspeed", "x.json"])
+    monkeypatch.setattr(launch, "init_process_group", lambda cfg: loop.Dist(1, 2, 1))
+    entry.main(
+        [
+            "--config",
+            str(ROOT / "configs" / "debug.yaml"),
+            "--deepspeed",
+            str(ROOT / "ds_configs" / "zero2.json"),
+        ]
+    )
     assert calls == ["train", "shutdown"]  # other ranks never evaluate
 
 
