@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from nextlocmoe.config import ModelConfig
+from nextlocmoe.data.store import POINTER_KEYS
 from nextlocmoe.model import text
 from nextlocmoe.model.backbone import load_backbone, prompt_token_ids, swap_ffns
 from nextlocmoe.model.embedding import HistoryEncoder, RecordEmbedding
@@ -31,16 +32,7 @@ MODEL_INPUTS = (
     "hist_xy", "hist_weekday", "hist_hour", "hist_dur", "hist_mask",
     "cur_xy", "cur_weekday", "cur_hour", "cur_dur", "hist_loc", "cur_loc",
 )  # fmt: skip
-POINTER_INPUTS = (
-    "ptr_loc",
-    "ptr_xy",
-    "ptr_weekday",
-    "ptr_hour",
-    "ptr_age_h",
-    "query_weekday",
-    "query_hour",
-    "query_gap_h",
-)  # fmt: skip (the store's POINTER_KEYS)
+POINTER_INPUTS = POINTER_KEYS  # the pointer window and query time (data/store.py)
 
 
 @dataclass
