@@ -40,7 +40,10 @@ def main() -> None:
         engine, _ = build_engine(cfg, ds_json, d)
         if not remap:
             ckpt = newest_checkpoint(run_dir)
-            engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=False)
+            # frozen parameters (the backbone) are not saved (train/loop.py save_checkpoint): not strict
+            engine.load_checkpoint(
+                str(ckpt.parent), tag=ckpt.name, load_optimizer_states=False, load_module_strict=False
+            )
         engine.eval()
         ds = TrajectoryDataset(cfg.data.dir, "test", pointer=cfg.model.pointer_window)
         batch = collate(ds.get_batch(SAMPLES))
