@@ -171,7 +171,7 @@ class FrozenPersonalMoE(nn.Module):
         B, S, D = x_BSD.shape
         probs_TE, ids_TK, w_TK = self.router(x_BSD, self._ctx_BC)
         y_TD = self.experts(x_BSD.reshape(B * S, D), ids_TK, w_TK)
-        self._sink.append(RoutingAux(probs_TE, ids_TK, w_TK, probs_TE.new_zeros(())))
+        self._sink.append(RoutingAux(probs_TE, ids_TK, w_TK, probs_TE.new_zeros(()), B))
         return y_TD.view(B, S, D)
 
 

@@ -84,9 +84,13 @@ class SemanticMoEConfig:
     top_k: int = 2
     router_hidden: int = 128
     balance_rate: float = 0.0  # auxiliary-loss-free balancing bias step (model/balance.py); 0 = off
+    # scale of the text-derived time-of-visit prior added to the router's logits (semantic_moe.py
+    # ``time_prior_table``: similarity of a visit time's description to each category's text); 0 = off
+    time_prior: float = 0.0
 
     def __post_init__(self) -> None:
         _check(1 <= self.top_k <= 5, "model.semantic_moe.top_k must be in 1..5 (5 function experts)")
+        _check(self.balance_rate >= 0 and self.time_prior >= 0, "model.semantic_moe: rates must be >= 0")
 
 
 @dataclass
@@ -107,9 +111,15 @@ class PersonalMoEConfig:
     router_hidden: int = 256
     compute: str = "grouped"  # "grouped" (sparse pairs, training) | "dense" (static, export)
     balance_rate: float = 0.0  # auxiliary-loss-free balancing bias step (model/balance.py); 0 = off
+    # which routing the bias and loss.balance_weight balance: "current" = each current-window position
+    # across the batch (routing must depend on the sample), "tokens" = all tokens pooled
+    balance_scope: str = "current"
 
     def __post_init__(self) -> None:
         _check(self.num_experts >= 1, "model.personal_moe.num_experts must be >= 1")
+        _check(self.balance_rate >= 0, "model.personal_moe.balance_rate must be >= 0")
+        scopes = ("current", "tokens")
+        _check(self.balance_scope in scopes, "model.personal_moe.balance_scope must be current|tokens")
         _check(self.routing in ("topk", "threshold"), "model.personal_moe.routing must be topk|threshold")
         _check(1 <= self.top_k <= self.num_experts, "model.personal_moe.top_k must be in 1..num_experts")
         _check(1 <= self.k_max <= self.num_experts, "model.personal_moe.k_max must be in 1..num_experts")
@@ -211,7 +221,8 @@ class LossConfig:
     recovery_weight: float = 0.0  # mobility-recovery objective (needs model.tokens.recovery); 0 = off
 
     def __post_init__(self) -> None:
-        weights = ("entropy_weight", "duration_weight", "aux_weight", "scored_weight", "codes_weight")
+        weights = ("entropy_weight", "duration_weight", "aux_weight", "scored_weight", "codes_weight",
+                   "balance_weight", "semantic_balance_weight", "semantic_entropy_weight")  # fmt: skip
         for k in (*weights, "next_weight", "recovery_weight"):
             _check(getattr(self, k) >= 0, f"loss.{k} must be >= 0")
 
@@ -279,14 +290,29 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Cli:
+    """A command-line override: its text and its YAML reading (a str field takes the text as typed, so
+    ``train.name=off`` is the name "off", not YAML's boolean False)."""
+
+    raw: str
+    parsed: Any
+
+
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     """Convert a YAML/CLI value to the annotated type ``tp`` (str, int, float, bool, Optional)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if isinstance(value, _Cli) and value.parsed is None:
+            return None
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
             return None
         return _coerce(value, args[0], name)
+    if isinstance(value, _Cli):
+        value = value.raw if tp is str else value.parsed
+    if tp is str and isinstance(value, bool):  # YAML 1.1 reads off/no/yes/on unquoted as booleans
+        raise ConfigError(f"{name}: expected a string, got the boolean {value!r} (quote the value in YAML)")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -304,6 +330,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if isinstance(data, _Cli):
+        data = data.parsed
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = _field_types(cls)
@@ -329,7 +357,7 @@ def _set_dotted(tree: dict[str, Any], key: str, raw: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {key!r}: {p} is not a section")
     try:
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        node[parts[-1]] = _Cli(raw, yaml.safe_load(raw) if raw != "" else "")
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}={raw!r}: not a YAML value ({' '.join(str(e).split())})") from None
 

@@ -271,7 +271,9 @@ def load_report(engine, aux, batch: dict[str, torch.Tensor], d: Dist) -> tuple[l
 def routing_log(aux) -> dict:
     """metrics.jsonl ``routing``: per personalized MoE layer and for the function router, the load of this
     step summed over ranks (empty slots excluded) with balance / dead experts / min-max load vs fair share,
-    and the mean per-token router entropy of this rank's tokens (eval/routing_stats.py)."""
+    and the mean per-token router entropy of this rank's tokens (eval/routing_stats.py). Persona layers are
+    read on the tokens balancing acts on (``ModelAux.balanced``: the current window by default), the
+    tokens ``explain`` reports."""
     from nextlocmoe.eval.routing_stats import torch_layer_stats
     from nextlocmoe.model.balance import slot_counts
 
@@ -281,7 +283,8 @@ def routing_log(aux) -> dict:
         )
 
     return {
-        "personal": [one(a) for a in aux.personal],
+        "personal": [one(a) for a in aux.balanced()],
+        "personal_tokens": "current" if aux.focus else "all",
         "semantic": one(aux.semantic) if aux.semantic else None,
     }
 

@@ -300,7 +300,7 @@ class DSPersonalMoE(MoE):
         y_BSD, l_aux, _ = super().forward(x_BSD)
         probs_TE, ids_TK, w_TK = gate.last
         gate.context, gate.last = None, None
-        self._sink.append(RoutingAux(probs_TE, ids_TK, w_TK, l_aux.float()))
+        self._sink.append(RoutingAux(probs_TE, ids_TK, w_TK, l_aux.float(), x_BSD.shape[0]))
         return y_BSD
 
 

@@ -1,4 +1,4 @@
-"""Routing diagnostics (docs/EXPLAIN.md "Routing diagnostics"), for `explain` and metrics.jsonl.
+"""Routing diagnostics (docs/EXPLAIN.md "Routing balance and diagnostics"), for `explain` and metrics.jsonl.
 
 Per MoE layer: load per expert (share of routed slots; empty threshold slots excluded, nothing padded),
 balance = normalised entropy of the mean load (1 = uniform, 0 = one expert), decisiveness = mean per-token

@@ -24,7 +24,7 @@ class LossParts:
     duration: torch.Tensor
     scored: torch.Tensor
     codes: torch.Tensor | None = None  # QT-Mob code head (mean per-level cross-entropy)
-    balance: torch.Tensor | None = None  # persona routers' marginal imbalance (mean over layers)
+    balance: torch.Tensor | None = None  # persona routers' imbalance (layer mean, ModelAux.focus)
     semantic_balance: torch.Tensor | None = None  # function router's marginal imbalance
     semantic_entropy: torch.Tensor | None = None  # function router's mean per-record entropy
 
@@ -83,7 +83,9 @@ def compute_loss(
     )  # fmt: skip
     if codes is not None:
         total = total + cfg.codes_weight * codes
-    bal = torch.stack([a.balance for a in aux.personal]).mean() if aux.personal else zero
+    focus = aux.balanced()  # per current-window position across the batch, or all tokens pooled
+    bal_of = (lambda a: a.position_balance) if aux.focus else (lambda a: a.balance)
+    bal = torch.stack([bal_of(a) for a in focus]).mean() if focus else zero
     sem = aux.semantic
     sem_bal = sem.balance if sem is not None else zero
     sem_ent = sem.entropy if sem is not None else zero

@@ -25,7 +25,7 @@ from nextlocmoe.model.heads import PointHeads, ScoredHead
 from nextlocmoe.model.personal_moe import PersonalMoE
 from nextlocmoe.model.pointer import PointerScoredHead
 from nextlocmoe.model.routing import RoutingAux, combine_weights_TE
-from nextlocmoe.model.semantic_moe import SemanticMoE
+from nextlocmoe.model.semantic_moe import SemanticMoE, time_prior_table
 from nextlocmoe.tokens.model import QTMob
 
 MODEL_INPUTS = (
@@ -63,6 +63,12 @@ class Predictions:
 class ModelAux:
     semantic: RoutingAux | None
     personal: list[RoutingAux] = field(default_factory=list)  # one per personalized MoE layer, in order
+    focus: int = 0  # persona balancing acts on the last `focus` positions of each sequence; 0 = all tokens
+
+    def balanced(self) -> list[RoutingAux]:
+        """The persona routing that balancing (selection bias and ``loss.balance_weight``) acts on: the
+        current-window positions of every sequence (``personal_moe.balance_scope=current``), or all."""
+        return [a.tail(self.focus) for a in self.personal] if self.focus else self.personal
 
 
 class NextLocMoE(nn.Module):
@@ -77,8 +83,14 @@ class NextLocMoE(nn.Module):
         self.history = HistoryEncoder(ec.d_rec, ec.tcn_levels, ec.tcn_kernel)
         cat_EP = text.embed_texts(text.category_texts(), cfg.text_encoder, tokenizer, emb)
         sm = cfg.semantic_moe
+        prior_NE = None
+        if sm.enabled and sm.time_prior > 0:
+            slot_NP = text.embed_texts(text.time_slot_texts(), cfg.text_encoder, tokenizer, emb)
+            prior_NE = sm.time_prior * time_prior_table(slot_NP, cat_EP)
         self.semantic = (
-            SemanticMoE(cat_EP, ec.d_loc, ec.d_rec, sm.router_hidden, sm.top_k) if sm.enabled else None
+            SemanticMoE(cat_EP, ec.d_loc, ec.d_rec, sm.router_hidden, sm.top_k, prior_NE)
+            if sm.enabled
+            else None
         )
         persona_EP = text.embed_texts(
             text.persona_texts(cfg.personal_moe.num_experts), cfg.text_encoder, tokenizer, emb
@@ -142,7 +154,8 @@ class NextLocMoE(nn.Module):
         rate_p = self.cfg.personal_moe.balance_rate
         if rate_p > 0 and auxes and auxes[0].personal:  # (no personal aux: backbone bypassed)
             layers = self.moe_layers()
-            pairs = [(m.router.sel_bias_E, [a.personal[i] for a in auxes]) for i, m in enumerate(layers)]
+            focus = [a.balanced() for a in auxes]
+            pairs = [(m.router.sel_bias_E, [f[i] for f in focus]) for i, m in enumerate(layers)]
             out["personal"] = balance_routers(pairs, rate_p, reduce)
         rate_s = self.cfg.semantic_moe.balance_rate
         if rate_s > 0 and self.semantic is not None and auxes and auxes[0].semantic is not None:
@@ -168,7 +181,8 @@ class NextLocMoE(nn.Module):
         d_loc = self.cfg.embed.d_loc
         ctx = torch.cat([h_BR.unsqueeze(1).expand(B, C, R), rec_BCR], -1).reshape(B * C, 2 * R)
         base = rec_BCR[..., :d_loc].reshape(B * C, d_loc)
-        enh, aux = self.semantic(xy.reshape(B * C, 2), base, ctx)
+        slot = (wd.long() * 24 + hr.long()).reshape(B * C)  # the time prior's index (semantic_moe.py)
+        enh, aux = self.semantic(xy.reshape(B * C, 2), base, ctx, slot)
         return torch.cat([enh.view(B, C, d_loc), rec_BCR[..., d_loc:]], -1), aux
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[Predictions, ModelAux]:
@@ -218,7 +232,8 @@ class NextLocMoE(nn.Module):
         code_logits = code_targets = None
         if self.qtmob is not None and self.qtmob.head is not None and "target_loc" in batch:
             code_logits, code_targets = self.qtmob.code_logits(h_last, batch["target_loc"])
-        return Predictions(xy, dur, scores, code_logits, code_targets, h_last), ModelAux(sem_aux, sink)
+        focus = batch["cur_xy"].shape[1] if self.cfg.personal_moe.balance_scope == "current" else 0
+        return Predictions(xy, dur, scores, code_logits, code_targets, h_last), ModelAux(sem_aux, sink, focus)
 
 
 def build_model(cfg: ModelConfig, info: DataInfo) -> NextLocMoE:

@@ -74,5 +74,5 @@ class PersonalMoE(nn.Module):
         probs_TE, ids_TK, w_TK = self.route(x_TD, ctx_TC)
         mode = "static" if self.compute == "dense" else "grouped"
         y_TD = self.experts(x_TD, ids_TK, w_TK.to(x_TD.dtype), mode=mode)
-        self._sink.append(RoutingAux(probs_TE, ids_TK, w_TK, x_TD.new_zeros((), dtype=torch.float32)))
+        self._sink.append(RoutingAux(probs_TE, ids_TK, w_TK, x_TD.new_zeros((), dtype=torch.float32), B))
         return y_TD.view(B, S, D)

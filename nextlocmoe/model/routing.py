@@ -5,8 +5,9 @@ router gives ``probs_TE``; selection gives ``ids_TK`` (expert id per slot, -1 = 
 (the slot's weight, 0 for an empty slot). Selection is static-shape (sort + cumsum + mask), so the same
 functions run eagerly, under DeepSpeed and inside an exported graph.
 
-Shape legend: T tokens, E experts, K routing slots (top_k, or k_max under threshold routing),
-D model width, C context width (history vector), P persona/semantic text width, H router hidden width.
+Shape legend: T tokens, B sequences, S positions, E experts, K routing slots (top_k, or k_max under threshold
+routing), D model width, C context width (history vector), P persona/semantic text width, H router hidden
+width.
 """
 
 from __future__ import annotations
@@ -27,6 +28,18 @@ class RoutingAux:
     ids_TK: torch.Tensor  # selected experts, -1 = none
     w_TK: torch.Tensor  # their weights (with grad)
     l_aux: torch.Tensor  # load-balancing loss (0 for the local path; DeepSpeed's for expert parallel)
+    batch: int = 0  # B when the T tokens are B sequences of equal length (T = B*S, batch-major); 0 = flat
+
+    def tail(self, n: int) -> RoutingAux:
+        """The routing of the last ``n`` positions of every sequence (needs ``batch``): [B*n, ...]."""
+        if self.batch <= 0:
+            raise ValueError("RoutingAux.tail needs the batch size (tokens are not B x S)")
+        B = self.batch
+
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(B, -1, t.shape[-1])[:, -n:].reshape(B * n, t.shape[-1])
+
+        return RoutingAux(cut(self.probs_TE), cut(self.ids_TK), cut(self.w_TK), self.l_aux, B)
 
     @property
     def entropy(self) -> torch.Tensor:
@@ -36,6 +49,11 @@ class RoutingAux:
     def balance(self) -> torch.Tensor:
         """ln E - H(mean_t p_t) >= 0: 0 when the batch's mean routing distribution is uniform."""
         return marginal_imbalance(self.probs_TE)
+
+    @property
+    def position_balance(self) -> torch.Tensor:
+        """Mean over positions s of ln E - H(mean_b p_{b,s}) (``positional_imbalance``); needs ``batch``."""
+        return positional_imbalance(self.probs_TE.reshape(self.batch, -1, self.probs_TE.shape[-1]))
 
     def load_E(self) -> torch.Tensor:
         """Fraction of selected (token, slot) pairs per expert, detached, shape [E]."""
@@ -118,6 +136,17 @@ def marginal_imbalance(probs_TE: torch.Tensor) -> torch.Tensor:
     return math.log(probs_TE.shape[-1]) + (p_E * torch.log(p_E.clamp_min(1e-12))).sum()
 
 
+def positional_imbalance(probs_BSE: torch.Tensor) -> torch.Tensor:
+    """Mean over positions s of ln E - H(mean_b p_{b,s}): the marginal imbalance across the B samples at
+    each position. Pooled over all tokens, ``marginal_imbalance`` is satisfied by routing by POSITION
+    (prompt, history and current tokens to different experts) while every sample's token at a given
+    position takes the same experts; per position, only routing that depends on the sample lowers it
+    (with ``router_entropy`` it is the sample-expert MI at each position, Mod-Squad's objective)."""
+    E = probs_BSE.shape[-1]
+    p_SE = probs_BSE.float().mean(0)
+    return math.log(E) + (p_SE * torch.log(p_SE.clamp_min(1e-12))).sum(-1).mean()
+
+
 def expert_load(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Fraction of used slots routed to each expert, [E] float; all zeros if nothing is routed."""
     valid = ids_TK >= 0
@@ -142,11 +171,15 @@ class MLPRouter(nn.Module):
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, num_experts))
         self.register_buffer("sel_bias_E", torch.zeros(num_experts), persistent=True)  # balance.py
 
-    def forward(self, ctx_TI: torch.Tensor) -> torch.Tensor:
-        """ctx_TI [T, in_dim] -> probs_TE [T, E], computed in fp32 whatever the module's dtype."""
+    def forward(self, ctx_TI: torch.Tensor, prior_TE: torch.Tensor | None = None) -> torch.Tensor:
+        """ctx_TI [T, in_dim] (+ fixed prior logits prior_TE [T, E]) -> probs_TE [T, E], computed in fp32
+        whatever the module's dtype."""
         with torch.autocast(device_type=ctx_TI.device.type, enabled=False):
             h = F.gelu(_linear32(self.net[0], ctx_TI))
-            return torch.softmax(_linear32(self.net[2], h), dim=-1)
+            logits_TE = _linear32(self.net[2], h)
+            if prior_TE is not None:
+                logits_TE = logits_TE + prior_TE.float()
+            return torch.softmax(logits_TE, dim=-1)
 
 
 class HistoryAwareRouter(nn.Module):

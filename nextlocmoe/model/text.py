@@ -164,3 +164,26 @@ def persona_texts(n: int) -> list[str]:
 
 def category_texts() -> list[str]:
     return [f"{k}: {v}" for k, v in FUNCTION_CATEGORIES.items()]
+
+
+WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+
+
+def _day_period(hour: int) -> str:
+    for end, name in ((5, "at night"), (8, "in the early morning"), (11, "in the morning"),
+                      (14, "at lunch time"), (17, "in the afternoon"), (21, "in the evening")):  # fmt: skip
+        if hour < end:
+            return name
+    return "at night"
+
+
+def time_slot_texts() -> list[str]:
+    """168 descriptions of a visit time, index weekday * 24 + hour (weekday 0 = Monday, the store's
+    convention): e.g. "A visit on Saturday at 11 pm, at night, on the weekend." """
+    out = []
+    for d, day in enumerate(WEEKDAYS):
+        kind = "on the weekend" if d >= 5 else "on a weekday"
+        for h in range(24):
+            clock = f"{(h % 12) or 12} {'am' if h < 12 else 'pm'}"
+            out.append(f"A visit on {day} at {clock}, {_day_period(h)}, {kind}.")
+    return out

@@ -8,7 +8,7 @@ import torch
 
 from nextlocmoe.eval.routing_stats import layer_stats, mi_permutation_test, mutual_information
 from nextlocmoe.model.balance import balance_routers, slot_counts, update_bias
-from nextlocmoe.model.routing import RoutingAux, marginal_imbalance, select
+from nextlocmoe.model.routing import RoutingAux, marginal_imbalance, positional_imbalance, select
 
 E = 4
 
@@ -67,6 +67,29 @@ def test_marginal_imbalance() -> None:
     onehot = torch.nn.functional.one_hot(torch.arange(8) % E, E).float()
     assert marginal_imbalance(onehot).abs() < 1e-6  # decisive per token AND balanced: no penalty
     assert marginal_imbalance(torch.nn.functional.one_hot(torch.zeros(8).long(), E).float()) > 1.3
+
+
+def test_positional_imbalance_sees_routing_by_position() -> None:
+    """Routing by POSITION (every sample's token s goes to expert s % E) is balanced when pooled, but the
+    per-position term sees that it ignores the sample; routing by SAMPLE is balanced at every position."""
+    B, S = 8, 4
+    by_pos = torch.nn.functional.one_hot(torch.arange(S) % E, E).float().expand(B, S, E)
+    assert marginal_imbalance(by_pos.reshape(-1, E)).abs() < 1e-6
+    assert positional_imbalance(by_pos) == pytest.approx(np.log(E), abs=1e-5)
+    by_sample = torch.nn.functional.one_hot(torch.arange(B) % E, E).float()[:, None].expand(B, S, E)
+    assert positional_imbalance(by_sample).abs() < 1e-6
+
+
+def test_tail_keeps_the_last_positions_of_every_sequence() -> None:
+    B, S, K = 3, 7, 2
+    probs = torch.softmax(torch.randn(B, S, E), -1)
+    ids = torch.arange(B * S * K).view(B * S, K) % E
+    aux = RoutingAux(probs.reshape(B * S, E), ids, ids.float(), torch.zeros(()), B)
+    t = aux.tail(2)
+    assert torch.equal(t.probs_TE, probs[:, -2:].reshape(-1, E))
+    assert torch.equal(t.ids_TK, ids.view(B, S, K)[:, -2:].reshape(-1, K)) and t.batch == B
+    with pytest.raises(ValueError, match="batch size"):
+        RoutingAux(probs.reshape(B * S, E), ids, ids.float(), torch.zeros(())).tail(2)
 
 
 def test_layer_stats_and_mutual_information() -> None:

@@ -31,6 +31,18 @@ def test_overrides_are_typed() -> None:
     assert c.loss.entropy_weight == pytest.approx(1e-3)
 
 
+def test_string_overrides_keep_their_text(tmp_path) -> None:
+    """YAML 1.1 reads off/no/yes/007 as booleans / ints; a str field takes the text as typed."""
+    c = load_config("configs/debug.yaml", ["train.name=off", "model.prompt=007", "model.backbone.path=null"])
+    assert c.train.name == "off" and c.model.prompt == "007" and c.model.backbone.path is None
+    p = tmp_path / "c.yaml"
+    p.write_text("train: {name: off}\n")
+    with pytest.raises(ConfigError, match="train.name: expected a string, got the boolean False"):
+        load_config(p)
+    p.write_text("train: {name: 'off'}\n")
+    assert load_config(p).train.name == "off"
+
+
 @pytest.mark.parametrize(
     "override, match",
     [

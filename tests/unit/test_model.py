@@ -47,6 +47,10 @@ def test_forward_shapes_and_aux(model, debug_cfg: Config) -> None:
         rel=1e-5,
     )
     assert parts.semantic_entropy.item() > 0 and parts.balance.item() >= 0
+    # persona balancing acts on the 5 current-window positions across the batch (balance_scope=current)
+    assert aux.focus == 5 and all(a.probs_TE.shape[0] == 4 * 5 for a in aux.balanced())
+    per_pos = torch.stack([a.position_balance for a in aux.balanced()]).mean()
+    assert parts.balance.item() == pytest.approx(per_pos.item(), rel=1e-6)
 
 
 def test_padded_history_is_ignored(model) -> None:
@@ -209,3 +213,29 @@ def test_text_semantics_from_the_backbone_tokenizer(tmp_path) -> None:
     assert torch.equal(
         m.prompt_ids, tok(cfg.model.prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     )
+
+
+def test_time_prior_routes_by_the_text_of_the_visit_time(debug_cfg: Config) -> None:
+    """semantic_moe.time_prior: fixed prior logits per (weekday, hour) slot from the similarity of the
+    slot's description to each category's text (semantic_moe.time_prior_table)."""
+    from nextlocmoe.model.semantic_moe import time_prior_table
+
+    prior = time_prior_table(text.embed_texts(text.time_slot_texts(), "minilm"),
+                             text.embed_texts(text.category_texts(), "minilm"))  # fmt: skip
+    assert prior.shape == (168, 5) and prior.mean(-1).abs().max() < 1e-5 and prior.std() == pytest.approx(1.0)
+    names = list(text.FUNCTION_CATEGORIES)
+    sat_night, mon_morning = prior[5 * 24 + 23], prior[0 * 24 + 9]  # index = weekday * 24 + hour
+    assert names[int(sat_night.argmax())] == "Entertainment"
+    assert names[int(mon_morning.argmax())] == "Education"
+    cfg = dataclasses.replace(debug_cfg.model, semantic_moe=dataclasses.replace(
+        debug_cfg.model.semantic_moe, time_prior=2.0))  # fmt: skip
+    torch.manual_seed(0)
+    m = build_model(cfg, DataInfo(torch.randn(L, 2), 1000.0)).eval()
+    assert torch.allclose(m.semantic.prior_NE, 2.0 * prior, atol=1e-5)
+    with torch.no_grad():  # with the router's own logits at zero, routing IS the prior of the slot
+        m.semantic.router.net[2].weight.zero_()
+        m.semantic.router.net[2].bias.zero_()
+        b = random_batch(L=L)
+        _, aux = m(b)
+    slot = (b["cur_weekday"] * 24 + b["cur_hour"]).reshape(-1)
+    assert torch.allclose(aux.semantic.probs_TE, torch.softmax(2.0 * prior[slot], -1), atol=1e-5)
