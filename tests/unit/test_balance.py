@@ -106,3 +106,34 @@ def test_layer_stats_and_mutual_information() -> None:
     assert dep["p_value"] <= 1 / 199 * 1.01 and dep["mi_nats"] > dep["null_p99"]
     ind = mi_permutation_test(rng.integers(0, 4, 400), rng.integers(0, 7, 400), n_perm=199)
     assert ind["p_value"] > 0.01 and ind["mi_nats"] < 0.1
+
+
+def test_positional_objective_turns_routing_by_position_into_routing_by_sample() -> None:
+    """A router that starts routing by position only (the collapse seen in training): descending entropy +
+    per-position imbalance makes the choice at each position depend on the sample, while the pooled
+    objective is already satisfied at the start and gives no such signal."""
+    torch.manual_seed(0)
+    B, S, F_ = 64, E, 8
+    feat_BF = torch.randn(B, F_)
+    pos_SE = torch.eye(S, E) * 6.0  # position s -> expert s, every sample alike
+    w_FE = torch.zeros(F_, E, requires_grad=True)
+    bias_SE = pos_SE.clone().requires_grad_(True)
+
+    def probs() -> torch.Tensor:
+        return torch.softmax(feat_BF[:, None] @ w_FE[None] + bias_SE[None], -1)  # [B, S, E]
+
+    p0 = probs()
+    assert marginal_imbalance(p0.reshape(-1, E)) < 0.01 and positional_imbalance(p0) > 1.0
+    opt = torch.optim.Adam([w_FE, bias_SE], lr=0.05)
+    for _ in range(300):
+        p = probs()
+        loss = (-(p * p.clamp_min(1e-12).log()).sum(-1).mean()) + positional_imbalance(p)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        p = probs()
+    top_BS = p.argmax(-1)
+    assert positional_imbalance(p) < 0.2
+    for s in range(S):  # at every position several experts are used, chosen by the sample
+        assert len(torch.unique(top_BS[:, s])) >= 3
