@@ -153,8 +153,13 @@ def _routine_batch(n: int, seed: int, L: int = 40, P: int = 24, C: int = 5) -> d
     }
 
 
+def _uniform_routing(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Persona weights pi [n, 4] and function weights omega [n, 5], uniform: routing plays no part here."""
+    return torch.full((n, 4), 0.25), torch.full((n, 5), 0.2)
+
+
 def _top1_hits(head: PointerScoredHead, b: dict[str, torch.Tensor], h_BD: torch.Tensor) -> float:
-    pi, om = torch.full((len(h_BD), 4), 0.25), torch.full((len(h_BD), 5), 0.2)
+    pi, om = _uniform_routing(len(h_BD))
     with torch.no_grad():
         logp = head(h_BD, b["cur_xy"][:, -1], b, pi, om)
     return (logp.argmax(1) == b["target_loc"]).float().mean().item()
@@ -169,7 +174,7 @@ def test_pointer_learns_to_copy_the_place_that_followed_the_current_one() -> Non
     h_train, h_test = torch.randn(256, 16), torch.randn(128, 16)
     before = _top1_hits(head, test, h_test)
     opt = torch.optim.Adam(head.parameters(), lr=0.02)
-    pi, om = torch.full((256, 4), 0.25), torch.full((256, 5), 0.2)
+    pi, om = _uniform_routing(256)
     for _ in range(40):
         logp = head(h_train, train["cur_xy"][:, -1], train, pi, om)
         loss = -logp.gather(1, train["target_loc"][:, None]).mean()
