@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from nextlocmoe.config import EmbedConfig
+from nextlocmoe.model.precision import to_param_dtype
 
 
 class RecordEmbedding(nn.Module):
@@ -26,14 +27,16 @@ class RecordEmbedding(nn.Module):
     def time_part(
         self, weekday_BN: torch.Tensor, hour_BN: torch.Tensor, dur_BN: torch.Tensor
     ) -> torch.Tensor:
-        """[B, N, d_wd + d_hr + d_du]"""
-        return torch.cat([self.weekday(weekday_BN), self.hour(hour_BN), self.dur(dur_BN.unsqueeze(-1))], -1)
+        """[B, N, d_wd + d_hr + d_du] in the parameters' dtype (the batch's fp32 duration is cast here)."""
+        dur_BN1 = to_param_dtype(dur_BN.unsqueeze(-1), self.dur)
+        return torch.cat([self.weekday(weekday_BN), self.hour(hour_BN), self.dur(dur_BN1)], -1)
 
     def forward(
         self, xy_BN2: torch.Tensor, weekday_BN: torch.Tensor, hour_BN: torch.Tensor, dur_BN: torch.Tensor
     ) -> torch.Tensor:
-        """-> [B, N, d_rec]"""
-        return torch.cat([self.loc(xy_BN2), self.time_part(weekday_BN, hour_BN, dur_BN)], -1)
+        """-> [B, N, d_rec] in the parameters' dtype: the model meets the batch here (model/precision.py)."""
+        loc_BNL = self.loc(to_param_dtype(xy_BN2, self.loc))
+        return torch.cat([loc_BNL, self.time_part(weekday_BN, hour_BN, dur_BN)], -1)
 
 
 class TemporalBlock(nn.Module):

@@ -8,9 +8,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nextlocmoe.model.precision import linear32, param32
+
 
 class PointHeads(nn.Module):
-    """Last hidden state -> normalised (x, y) [B, 2] and duration [B] (Linear + ReLU)."""
+    """Last hidden state -> normalised (x, y) [B, 2] and duration [B] (Linear + ReLU), computed in fp32
+    whatever the parameters' dtype (model/precision.py: a bf16 point is quantised to ~100 m)."""
 
     def __init__(self, d_model: int) -> None:
         super().__init__()
@@ -18,7 +21,7 @@ class PointHeads(nn.Module):
         self.dur = nn.Linear(d_model, 1)
 
     def forward(self, h_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.xy(h_BD), torch.relu(self.dur(h_BD)).squeeze(-1)
+        return linear32(self.xy, h_BD), torch.relu(linear32(self.dur, h_BD)).squeeze(-1)
 
 
 def visit_counts(loc_BN: torch.Tensor, num_locations: int) -> torch.Tensor:
@@ -57,9 +60,9 @@ class ScoredHead(nn.Module):
     ) -> torch.Tensor:
         """-> scores [B, L] (fp32)."""
         L = self.loc_xy_L2.shape[0]
-        q_BM = self.query(h_BD).float()
-        diff_BL2 = pred_xy_B2.float().unsqueeze(1) - self.loc_xy_L2.unsqueeze(0)
+        q_BM = linear32(self.query, h_BD)
+        diff_BL2 = pred_xy_B2.float().unsqueeze(1) - self.loc_xy_L2.float().unsqueeze(0)
         dist_BL = torch.sqrt((diff_BL2 * diff_BL2).sum(-1) + 1e-12)
-        s = q_BM @ self.loc_emb.weight.float().t() - torch.exp(self.log_beta) * dist_BL
-        s = s + self.a_hist * torch.log1p(visit_counts(hist_loc_BH, L))
-        return s + self.a_cur * torch.log1p(visit_counts(cur_loc_BC, L))
+        s = q_BM @ param32(self.loc_emb.weight).t() - torch.exp(param32(self.log_beta)) * dist_BL
+        s = s + param32(self.a_hist) * torch.log1p(visit_counts(hist_loc_BH, L))
+        return s + param32(self.a_cur) * torch.log1p(visit_counts(cur_loc_BC, L))

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nextlocmoe.model.precision import linear32, param32
+
 N_SLOT_FEATURES = 13
 NEG = -1e4  # masked slot score (exp underflows to 0; finite, so no NaN in softmax / export)
 
@@ -116,8 +118,9 @@ class PointerScoredHead(nn.Module):
     ) -> torch.Tensor:
         """Slot scores a [B, P] (masked slots NEG)."""
         phi = slot_features(batch, self.metres_per_unit, self.query_time)
-        z_BPH = F.gelu(self.slot_in(phi) + self.query_in(h_BD).unsqueeze(1))
-        v_BH = self.v0 + pi_BE.float() @ self.v_persona + om_BF.float() @ self.v_function
+        z_BPH = F.gelu(linear32(self.slot_in, phi) + linear32(self.query_in, h_BD).unsqueeze(1))
+        v_BH = param32(self.v0) + pi_BE.float() @ param32(self.v_persona)
+        v_BH = v_BH + om_BF.float() @ param32(self.v_function)
         a_BP = (z_BPH * v_BH.unsqueeze(1)).sum(-1)
         return torch.where(batch["ptr_loc"] >= 0, a_BP, torch.full_like(a_BP, NEG))
 
@@ -126,8 +129,9 @@ class PointerScoredHead(nn.Module):
     ) -> torch.Tensor:
         """Explore logits [B, L]."""
         d_cur, d_pred = _dist_BL(cur_xy_B2, self.loc_xy_L2), _dist_BL(pred_xy_B2, self.loc_xy_L2)
-        beta = torch.exp(self.log_beta)
-        s = self.gen_query(h_BD).float() @ self.loc_emb.weight.float().t() + self.loc_bias.weight.float().t()
+        beta = torch.exp(param32(self.log_beta))
+        s = linear32(self.gen_query, h_BD) @ param32(self.loc_emb.weight).t()
+        s = s + param32(self.loc_bias.weight).t()
         return s - beta[0] * d_cur - beta[1] * d_pred
 
     def forward(
@@ -138,7 +142,7 @@ class PointerScoredHead(nn.Module):
         pi_BE: torch.Tensor,
         om_BF: torch.Tensor,
     ) -> torch.Tensor:
-        """-> log p [B, L] (fp32)."""
+        """-> log p [B, L], computed in fp32 whatever the parameters' dtype (model/precision.py)."""
         h_BD = h_BD.float()
         a_BP = self.copy_scores(h_BD, batch, pi_BE, om_BF)
         w_BP = torch.softmax(a_BP, dim=-1) * (batch["ptr_loc"] >= 0).float()
@@ -149,6 +153,7 @@ class PointerScoredHead(nn.Module):
         n_slots = (batch["ptr_loc"] >= 0).float().sum(-1, keepdim=True)
         evidence = torch.logsumexp(a_BP, dim=-1, keepdim=True)
         stats = torch.cat([evidence.clamp(-20, 20) / 5.0, torch.log1p(n_slots) / 5.0], -1)
-        g = torch.sigmoid(self.gate_out(torch.cat([F.gelu(self.gate_h(h_BD)), stats], -1)))
+        gate_in = torch.cat([F.gelu(linear32(self.gate_h, h_BD)), stats], -1)
+        g = torch.sigmoid(linear32(self.gate_out, gate_in))
         g = g * (n_slots > 0).float()
         return torch.log(g * p_copy + (1 - g) * p_gen + 1e-12)

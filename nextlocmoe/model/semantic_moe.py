@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from nextlocmoe.model.precision import param32
 from nextlocmoe.model.routing import MLPRouter, RoutingAux, combine_weights_TE, topk_select
 
 
@@ -85,7 +86,8 @@ class SemanticMoE(nn.Module):
             prior_TE = self.prior_NE[slot_T.long().clamp(0, self.prior_NE.shape[0] - 1)]
         probs_TE = self.router(ctx_T2R, prior_TE)
         ids_TK, w_TK = topk_select(probs_TE, self.top_k, self.router.sel_bias_E.exp())
-        out_TEL = torch.einsum("ti,eli->tel", xy_T2, self.w_ELI)
-        w_TE = combine_weights_TE(ids_TK, w_TK, self.num_experts).to(out_TEL.dtype)
-        enhanced_TL = base_TL + (w_TE.unsqueeze(-1) * out_TEL).sum(1)
+        # experts and their combine in fp32 (model/precision.py), cast to the embedding's dtype once
+        out_TEL = torch.einsum("ti,eli->tel", xy_T2.float(), param32(self.w_ELI))
+        w_TE = combine_weights_TE(ids_TK, w_TK.float(), self.num_experts)
+        enhanced_TL = base_TL + (w_TE.unsqueeze(-1) * out_TEL).sum(1).to(base_TL.dtype)
         return enhanced_TL, RoutingAux(probs_TE, ids_TK, w_TK, xy_T2.new_zeros((), dtype=torch.float32))
