@@ -123,6 +123,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=0, help="evaluation batch (default: the run's)")
     p.add_argument(
+        "--device", default="auto",
+        help="auto (CUDA device LOCAL_RANK if any, else cpu), cpu, cuda or cuda:N; under torchrun / srun "
+        "the batches are sharded over the ranks and merged exactly on rank 0 (docs/TRAINING.md)",
+    )  # fmt: skip
+    p.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32",
+        help="parameters in bf16 as under DeepSpeed bf16 (routers, heads, metrics stay fp32)",
+    )  # fmt: skip
+    p.add_argument(
         "--normalise",
         choices=("target", "source"),
         default="target",
@@ -151,29 +160,46 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         else:
             report = baseline_report(args.data, args.split, progress=not args.quiet)
     else:
-        from nextlocmoe.eval.evaluate import evaluate_run
-
-        if args.task == "recovery":
-            report = evaluate_run(
-                args.run, args.data, args.split, args.ranking, args.max_samples, args.batch_size, "recovery"
-            )
-        elif args.data is not None or args.normalise != "target":  # any data set, zero-shot included
-            from nextlocmoe.eval.zeroshot import evaluate_transfer
-
-            report = evaluate_transfer(
-                args.run, args.data or _run_data(args.run), args.split, args.ranking, args.max_samples,
-                args.batch_size, args.normalise,
-            )  # fmt: skip
-        else:
-            report = evaluate_run(
-                args.run, args.data, args.split, args.ranking, args.max_samples, args.batch_size
-            )
+        report = _evaluate_run(args)
+        if report is None:  # a rank other than 0 of a sharded evaluation: rank 0 reports
+            return 0
     print(format_table(report))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.out}")
     return 0
+
+
+def _evaluate_run(args: argparse.Namespace) -> dict | None:
+    """A run on its own data set: on ``--device``, sharded over the ranks of a torchrun / srun launch
+    (nextlocmoe/eval/sharded.py); on another data set (zero-shot): one process."""
+    from nextlocmoe.eval.sharded import ensure_process_group, evaluate_run_sharded, placement_from_env
+
+    place = placement_from_env(args.device)
+    zero_shot = args.task == "next" and (args.data is not None or args.normalise != "target")
+    if zero_shot:  # any data set, zero-shot included
+        if place.world > 1:
+            raise DataError(
+                "evaluate --data / --normalise (zero-shot) runs in one process, not under torchrun"
+            )
+        from nextlocmoe.eval.zeroshot import evaluate_transfer
+
+        return evaluate_transfer(
+            args.run, args.data or _run_data(args.run), args.split, args.ranking, args.max_samples,
+            args.batch_size, args.normalise,
+        )  # fmt: skip
+    started = ensure_process_group(place)
+    try:
+        return evaluate_run_sharded(
+            args.run, place, args.data, args.split, args.ranking, args.max_samples, args.batch_size,
+            args.task, args.precision,
+        )  # fmt: skip
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 def format_table(report: dict) -> str:

@@ -250,6 +250,10 @@ class TrainConfig:
     # plain data parallel + ZeRO (0-3), the single-device shared-base compute.
     moe_parallel: str = "expert"
     capacity_factor: float = 0.0  # expert mode: 0 = no token dropping; c > 0: capacity ceil(c*T*K/E)
+    # metrics.jsonl "mfu": achieved model FLOP/s over (world size x this per-device peak, TFLOP/s, of the
+    # precision trained in: e.g. 989 for H100 SXM bf16 dense). 0 = unknown: mfu is logged as null.
+    peak_tflops: float = 0.0
+    dist_timeout_s: float = 600.0  # collective timeout of the process group (s)
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps must be >= 1")
@@ -261,6 +265,8 @@ class TrainConfig:
         _check(mp in ("expert", "replicated"), "train.moe_parallel must be expert|replicated")
         _check(mp == "expert" or self.ep_size == 1, "train.moe_parallel=replicated needs train.ep_size=1")
         _check(self.capacity_factor >= 0, "train.capacity_factor must be >= 0")
+        _check(self.peak_tflops >= 0, "train.peak_tflops must be >= 0 (0 = unknown)")
+        _check(self.dist_timeout_s > 0, "train.dist_timeout_s must be > 0")
         ok = mp == "expert" or self.capacity_factor == 0
         _check(ok, "train.capacity_factor applies to train.moe_parallel=expert only")
 

@@ -37,6 +37,14 @@ def score_ranks(scores_BL: torch.Tensor, target_B: torch.Tensor) -> torch.Tensor
     return 1 + better.sum(1)
 
 
+def batch_starts(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[int]:
+    """First sample of each batch this rank evaluates: the single-process batches (same boundaries, same
+    shapes, so the same numbers) split into ``world`` contiguous blocks, block ``rank`` here. Concatenating
+    the ranks' outputs in rank order gives the single-process order."""
+    starts = np.arange(0, n, batch_size)
+    return [int(a) for a in np.array_split(starts, world)[rank]]
+
+
 @torch.no_grad()
 def predict_split(
     model: torch.nn.Module,
@@ -46,25 +54,31 @@ def predict_split(
     max_samples: int = 0,
     task: str = "next",
     stats: dict | None = None,
+    device: torch.device | str = "cpu",
+    shard: tuple[int, int] = (0, 1),
 ) -> dict[str, np.ndarray]:
     """Run the model over a split: pred_xy (normalised) [N,2], target_loc [N], scored / codes ranks and
-    top-1 [N]. ``task="recovery"``: one record of each current window masked, it is the target (QTMOB.md)."""
+    top-1 [N]. ``task="recovery"``: one record of each current window masked, it is the target (QTMOB.md).
+    ``device``: where the model and batches live (the model is moved there). ``shard=(rank, world)``: this
+    rank's block of the batches only (``batch_starts``; merged by ``eval/sharded.py``)."""
     ds = TrajectoryDataset(data_dir, split, pointer=getattr(model, "pointer_window", 0))
     if stats is not None:  # normalise inputs with other statistics (zero-shot --normalise source)
         ds.stats = stats
     idx = eval_subset(len(ds), max_samples)
     out: dict[str, list] = {"pred_xy": [], "target_loc": [], "scored_rank": [], "scored_top1": []}
-    model.eval()
-    for a in tqdm(range(0, len(idx), batch_size), desc=f"evaluate {split}", leave=False, mininterval=5):
+    model.to(device).eval()
+    starts = batch_starts(len(idx), batch_size, *shard)
+    for a in tqdm(starts, desc=f"evaluate {split}", leave=False, mininterval=5, disable=shard[0] != 0):
         batch = task_batch(collate(ds.get_batch(idx[a : a + batch_size])), task)
+        batch = {k: v.to(device) for k, v in batch.items()}
         pred, _ = model(batch)
         for k, v in codes_predictions(model, pred, batch["target_loc"]).items():
             out.setdefault(k, []).append(v)
-        out["pred_xy"].append(pred.xy.float().numpy())
-        out["target_loc"].append(batch["target_loc"].numpy())
+        out["pred_xy"].append(pred.xy.float().cpu().numpy())
+        out["target_loc"].append(batch["target_loc"].cpu().numpy())
         if pred.scores is not None:
-            out["scored_rank"].append(score_ranks(pred.scores, batch["target_loc"]).numpy())
-            out["scored_top1"].append(pred.scores.argmax(1).numpy())
+            out["scored_rank"].append(score_ranks(pred.scores, batch["target_loc"]).cpu().numpy())
+            out["scored_top1"].append(pred.scores.argmax(1).cpu().numpy())
     return {k: np.concatenate(v) for k, v in out.items() if v}
 
 
@@ -99,19 +113,43 @@ def evaluate_model(
     with_baselines: bool = True,
     task: str = "next",
     stats: dict | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict:
     """CONTRACT.md evaluate report: headline metrics of ``ranking``, every ranking under ``rankings``,
     the baselines on the same samples under ``baselines`` (``task``: next | recovery, QTMOB.md).
     ``stats``: normalisation statistics other than the data set's own (zero-shot ``--normalise source``)."""
-    manifest = load_manifest(data_dir)
-    if manifest.get("coordinate_units", "degrees") not in ("degrees", "normalised"):
+    check_evaluable(data_dir)
+    res = predict_split(model, data_dir, split, batch_size, max_samples, task, stats, device)
+    beam = model.qtmob.beam if getattr(model, "qtmob", None) is not None else 0
+    return report_from_predictions(
+        res, data_dir, split, ranking, max_samples, with_baselines, task, stats, beam
+    )
+
+
+def check_evaluable(data_dir: str | Path) -> None:
+    if load_manifest(data_dir).get("coordinate_units", "degrees") not in ("degrees", "normalised"):
         raise ValueError(f"{data_dir}: model evaluation needs location coordinates")
-    res = predict_split(model, data_dir, split, batch_size, max_samples, task, stats)
+
+
+def report_from_predictions(
+    res: dict[str, np.ndarray],
+    data_dir: str | Path,
+    split: str = "test",
+    ranking: str = "scored",
+    max_samples: int = 0,
+    with_baselines: bool = True,
+    task: str = "next",
+    stats: dict | None = None,
+    beam: int = 0,
+) -> dict:
+    """Metrics of every ranking from ``predict_split``'s output (one process, or merged over ranks) and
+    the baselines on the same samples."""
+    manifest = load_manifest(data_dir)
     rankings = {"point": _point_metrics(res, data_dir, stats)}
     if "scored_rank" in res:
         rankings["scored"] = _scored_metrics(res, data_dir)
     if "codes_rank" in res:
-        rankings["codes"] = codes_metrics(res, data_dir, model.qtmob.beam)
+        rankings["codes"] = codes_metrics(res, data_dir, beam)
     if ranking not in rankings:
         raise ValueError(f"ranking {ranking!r} not available (model has: {sorted(rankings)})")
     report = {"split": split, **rankings[ranking], "ranking": ranking, "rankings": rankings,
@@ -140,15 +178,11 @@ def evaluate_run(
     batch_size: int = 0,
     task: str = "next",
 ) -> dict:
-    """``nextlocmoe evaluate --run``: load the run's newest complete checkpoint (any ep_size) into the
-    single-device model and evaluate it on ``data_dir`` (default: the run's own data set)."""
-    from nextlocmoe.model.io import load_run
+    """``nextlocmoe evaluate --run`` in one process on the CPU: load the run's newest complete checkpoint
+    (any ep_size) into the single-device model and evaluate it on ``data_dir`` (default: the run's own
+    data set). The accelerator / multi-rank form is ``eval/sharded.py``; this is its one-process case."""
+    from nextlocmoe.eval.sharded import Placement, evaluate_run_sharded
 
-    cfg, model, _ = load_run(run_dir, data_dir)
-    data = data_dir or cfg.data.dir
-    report = evaluate_model(
-        model, data, split, batch_size or cfg.data.eval_batch_size, ranking or cfg.model.heads.ranking,
-        max_samples, task=task,
+    return evaluate_run_sharded(
+        run_dir, Placement(), data_dir, split, ranking, max_samples, batch_size, task
     )  # fmt: skip
-    report["run"] = str(run_dir)
-    return report

@@ -42,3 +42,14 @@ def linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` computed in fp32 whatever the module's dtype (heads and routers stay fp32)."""
     bias = None if layer.bias is None else param32(layer.bias)
     return F.linear(x.float(), param32(layer.weight), bias)
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the parameters (not the buffers) in place, as DeepSpeed 0.19.8's bf16 engine does: buffers such
+    as the location table and the routers' balancing biases stay fp32. Used by bf16 evaluation."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
