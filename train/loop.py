@@ -25,6 +25,16 @@ from nextlocmoe.data.store import TrajectoryDataset, collate
 from nextlocmoe.model.io import RunError, checkpoint_dir, data_info_from_dir, load_weights, newest_checkpoint
 from nextlocmoe.model.loss import compute_loss
 from nextlocmoe.model.nextlocmoe import DataInfo, NextLocMoE, build_model
+from train.throughput import Throughput, model_flops_per_token
+
+
+class StepFailure(RuntimeError):
+    """An exception raised during training step ``step`` (the cause is chained): train/launch.py names the
+    step in its one-line reason."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"training failed at step {step}")
+        self.step = step
 
 
 @dataclass
@@ -89,7 +99,7 @@ def build_engine(cfg: Config, ds_json: str, d: Dist):
     from train.parallel import check_strategy, model_has_moe, moe_param_groups, parallelize
 
     ds_cfg = build_ds_config(ds_json, cfg, d.world)  # strategy conflicts fail before the model is built
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     info = data_info_from_dir(cfg.data.dir)
     model = build_model(cfg.model, info)
     if cfg.train.init_from:
@@ -105,7 +115,16 @@ def build_engine(cfg: Config, ds_json: str, d: Dist):
     engine, _, _, _ = deepspeed.initialize(
         args=args, model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg
     )
+    seed_ranks(cfg.train.seed, d)
     return engine, info
+
+
+def seed_ranks(seed: int, d: Dist) -> None:
+    """After the model is built (same weights everywhere): a per-rank seed for what must differ between
+    ranks (dropout masks: LoRA dropout, attention dropout). What must agree needs no RNG: routing selection
+    and its tie-breaks are a stable sort (routing.py), data order is a function of (seed, micro-step)
+    (``StepBatches``), and QT-Mob recovery masks are seeded by (seed, micro-step) explicitly."""
+    torch.manual_seed(seed * 1_000_003 + 7919 * (d.rank + 1))
 
 
 def _reduce_mean(values: dict[str, float], d: Dist, device: torch.device | str = "cpu") -> dict[str, float]:
@@ -206,13 +225,16 @@ class MetricsLog:
             return
         path = run_dir / "metrics.jsonl"
         if resume_step and path.is_file():  # drop lines past the checkpoint we resume from
-            keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= resume_step]
+            keep = [ln for ln in path.read_text().splitlines() if _row_step(ln, path) <= resume_step]
             path.write_text("".join(ln + "\n" for ln in keep))
         self.file = path.open("a" if resume_step else "w")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            # purge_step: events at or past the resumed step (written after the checkpoint) are dropped,
+            # so TensorBoard shows one curve, not duplicate steps
+            purge = resume_step + 1 if resume_step else None
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge)
         except ImportError:
             self.tb = None
 
@@ -231,6 +253,14 @@ class MetricsLog:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _row_step(line: str, path: Path) -> int:
+    """The step of one metrics.jsonl line; a damaged line is an error naming the file and line."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{path}: unreadable line {line[:60]!r} ({e}); fix or delete the line") from None
 
 
 def train_step(engine, batch: dict[str, torch.Tensor], cfg: Config, xy_std: float, micro_step: int = 0):
@@ -298,6 +328,22 @@ def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def run_step(engine, batches: StepBatches, cfg: Config, xy_std: float, step: int):
+    """One optimizer step: ``grad_accum`` micro-steps, then the routers' balancing biases move."""
+    step_aux = []
+    for a in range(cfg.train.grad_accum):
+        ms = (step - 1) * cfg.train.grad_accum + a
+        parts, aux, batch = train_step(engine, batches(ms), cfg, xy_std, ms)
+        step_aux.append(aux)
+    engine.module.balance_step(step_aux, _sum_over_ranks)  # selection biases (model/balance.py)
+    return parts, aux, batch
+
+
+def seq_tokens(model, batch: dict[str, torch.Tensor]) -> int:
+    """Decoder tokens per sample: prompt + history window + current window (padding included: computed)."""
+    return int(model.prompt_ids.numel() + batch["hist_mask"].shape[1] + batch["cur_xy"].shape[1])
+
+
 def train_run(cfg: Config, ds_json: str, d: Dist, resume: bool = False) -> Path:
     """The whole job; returns the run folder."""
     from tqdm import tqdm
@@ -314,27 +360,29 @@ def train_run(cfg: Config, ds_json: str, d: Dist, resume: bool = False) -> Path:
     log = MetricsLog(run_dir, d, start)
     acc, total = cfg.train.grad_accum, cfg.train.steps
     bar = tqdm(total=total, initial=start, desc="train", disable=not d.is_main, mininterval=2)
-    t0, seen = time.perf_counter(), 0
+    tput = Throughput(0.0, d.world, cfg.train.peak_tflops)  # windows of log_every steps
     engine.train()
     for step in range(start + 1, total + 1):
-        step_aux = []
-        for a in range(acc):
-            ms = (step - 1) * acc + a
-            parts, aux, batch = train_step(engine, batches(ms), cfg, xy_std, ms)
-            step_aux.append(aux)
-        engine.module.balance_step(step_aux, _sum_over_ranks)  # selection biases (model/balance.py)
-        seen += cfg.data.batch_size * acc * d.world
+        try:
+            parts, aux, batch = run_step(engine, batches, cfg, xy_std, step)
+        except Exception as e:
+            raise StepFailure(step) from e
+        n, S = cfg.data.batch_size * acc * d.world, seq_tokens(engine.module, batch)
+        tput.flops_per_token = tput.flops_per_token or model_flops_per_token(engine.module, S)
+        tput.step(n, n * S)
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == total:
             row = {"step": step, **_reduce_mean(parts.as_floats(), d, engine.device)}
             row["lr"] = engine.get_lr()[0]
-            row["samples_per_s"] = seen / (time.perf_counter() - t0)
+            row.update(tput.row())
             row["expert_load"], row["expert_stats"] = load_report(engine, aux, batch, d)
             row["routing"] = routing_log(aux)
             log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.1f}", dist_m=f"{row['loss_distance']:.0f}")
         if step % cfg.train.ckpt_every == 0 or step == total:
+            t_save = time.perf_counter()
             save_checkpoint(engine, run_dir, step, d)
+            tput.exclude(time.perf_counter() - t_save)
     bar.close()
     log.close()
     return run_dir

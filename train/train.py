@@ -5,7 +5,8 @@
     torchrun --nproc_per_node 2 train/train.py --config ... --deepspeed ...      (CPU: gloo)
     torchrun --nnodes 2 --node_rank R --master_addr HOST --master_port P --nproc_per_node G train/train.py ...
 
-Thin entry: parse -> set up the process group -> train (train/loop.py) -> close -> evaluate on rank 0.
+Thin entry: parse -> set up the process group -> train (train/loop.py) -> evaluate (sharded over the ranks)
+-> close. An exception on any rank ends the job at once (train/launch.py ``fail_fast``).
 """
 
 from __future__ import annotations
@@ -40,24 +41,29 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DSConfigError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
-    from train.launch import init_process_group, shutdown  # torch + deepspeed: after the cheap checks
+    from train.launch import fail_fast, final_eval, init_process_group, shutdown
 
-    d = init_process_group(cfg)
-    try:
+    try:  # any exception on any rank: traceback + one line, exit now (no barrier): train/launch.py
+        d = init_process_group(cfg)
         from train.loop import train_run
 
         run_dir = train_run(cfg, args.deepspeed, d, resume=args.resume)
-    except (ValueError, FileNotFoundError) as e:  # config / strategy / data errors: one line, exit 2
-        print(f"train: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown()
-    # After teardown: no rank waits in a barrier while rank 0 evaluates (no collective timeout applies).
-    if d.is_main and not args.no_eval:
-        from train.launch import final_eval
-
-        final_eval(run_dir, cfg)
+        if args.no_eval:
+            if d.is_main:
+                print(f"train: final evaluation skipped; run it with:\n  {eval_command(run_dir, cfg)}")
+        else:
+            final_eval(run_dir, cfg, d)  # sharded over the ranks, each on its own device
+    except BaseException as e:  # noqa: BLE001 - SystemExit / KeyboardInterrupt too: never a barrier
+        fail_fast(e)
+    shutdown()
     return 0
+
+
+def eval_command(run_dir: Path, cfg) -> str:
+    """The documented evaluation command for this run (docs/TRAINING.md "Evaluation at scale")."""
+    prec = " --precision bf16" if cfg.train.precision == "bf16" else ""
+    return (f"torchrun --nproc_per_node <GPUs> --no-python -- nextlocmoe evaluate --run {run_dir}{prec} "
+            f"--out {run_dir / 'eval.json'}")  # fmt: skip
 
 
 if __name__ == "__main__":
