@@ -83,41 +83,140 @@ def test_metrics_all_reduce_uses_the_given_device(monkeypatch) -> None:
     assert seen == [torch.device("cpu"), torch.device("meta")]
 
 
-def test_final_eval_runs_after_teardown(monkeypatch, tmp_path) -> None:
-    """No rank may wait in a barrier while rank 0 evaluates: shutdown() (barrier + destroy) comes first."""
+ARGS = [
+    "--config",
+    str(ROOT / "configs" / "debug.yaml"),
+    "--deepspeed",
+    str(ROOT / "ds_configs" / "zero2.json"),
+]
+
+
+class _Exit(Exception):
+    pass
+
+
+def _entry(monkeypatch, rank: int, train_run):
+    """train/train.py's main with the process group, training and final eval replaced by recorders."""
     import train.launch as launch
     import train.loop as loop
     import train.train as entry
 
-    calls = []
+    calls: list = []
     # the entry imports these from train.launch after its cheap config checks: patch them there
-    monkeypatch.setattr(launch, "init_process_group", lambda cfg: loop.Dist(0, 2, 0))
+    monkeypatch.setattr(launch, "init_process_group", lambda cfg: loop.Dist(rank, 2, rank))
     monkeypatch.setattr(launch, "shutdown", lambda: calls.append("shutdown"))
-    monkeypatch.setattr(loop, "train_run", lambda *a, **k: calls.append("train") or tmp_path)
-    monkeypatch.setattr(launch, "final_eval", lambda run_dir, cfg: calls.append("eval"))
+    monkeypatch.setattr(loop, "train_run", train_run(calls))
+    monkeypatch.setattr(launch, "final_eval", lambda run_dir, cfg, d: calls.append(("eval", d.rank)))
+
+    def fake_exit(code: int) -> None:
+        calls.append(("exit", code))
+        raise _Exit
+
+    monkeypatch.setattr(launch.os, "_exit", fake_exit)
+    return entry, calls
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_rank_evaluates_its_shard_then_shuts_down(monkeypatch, tmp_path, rank: int) -> None:
+    """The final evaluation is sharded over the ranks (eval/sharded.py): every rank takes part, inside the
+    process group, and the normal shutdown (barrier + destroy) comes after it."""
+    entry, calls = _entry(monkeypatch, rank, lambda calls: lambda *a, **k: calls.append("train") or tmp_path)
+    assert entry.main(ARGS) == 0
+    assert calls == ["train", ("eval", rank), "shutdown"]
+
+
+def test_an_error_on_a_rank_exits_at_once_without_a_barrier(monkeypatch, tmp_path, capsys) -> None:
+    """Defect 2 of issue 18: a rank that raised entered dist.barrier() in a finally while the others sat
+    in a ZeRO collective (a 10-minute hang). Now: traceback, one line naming rank / step / source line,
+    os._exit, and no shutdown (no barrier)."""
+    from train.loop import StepFailure
+
+    def failing(calls):
+        def run(*a, **k):
+            calls.append("train")
+            try:
+                raise RuntimeError("CUDA out of memory (injected)")
+            except RuntimeError as e:
+                raise StepFailure(3) from e
+
+        return run
+
+    entry, calls = _entry(monkeypatch, 1, failing)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(_Exit):
+        entry.main(ARGS)
+    assert calls == ["train", ("exit", 1)]  # no "shutdown", no "eval"
+    err = capsys.readouterr().err
+    assert "Traceback" in err
+    line = [ln for ln in err.splitlines() if ln.startswith("train: error:")]
+    assert len(line) == 1 and "rank 1 failed: step 3: RuntimeError: CUDA out of memory (injected)" in line[0]
+    assert "test_cluster.py:" in line[0]  # the source line that raised
+
+
+def test_expected_errors_are_one_line_exit_2(monkeypatch, tmp_path, capsys) -> None:
+    from nextlocmoe.model.io import RunError
+
+    def bad(calls):
+        def run(*a, **k):
+            raise RunError("runs/x/metrics.jsonl: unreadable line 'oops'")
+
+        return run
+
+    entry, calls = _entry(monkeypatch, 0, bad)
+    with pytest.raises(_Exit):
+        entry.main(ARGS)
+    assert calls == [("exit", 2)]
+    err = capsys.readouterr().err
     assert (
-        entry.main(
-            [
-                "--config",
-                str(ROOT / "configs" / "debug.yaml"),
-                "--deepspeed",
-                str(ROOT / "ds_configs" / "zero2.json"),
-            ]
-        )
-        == 0
+        "Traceback" not in err and err.strip() == "train: error: runs/x/metrics.jsonl: unreadable line 'oops'"
     )
-    assert calls == ["train", "shutdown", "eval"]
-    calls.clear()
-    monkeypatch.setattr(launch, "init_process_group", lambda cfg: loop.Dist(1, 2, 1))
-    entry.main(
-        [
-            "--config",
-            str(ROOT / "configs" / "debug.yaml"),
-            "--deepspeed",
-            str(ROOT / "ds_configs" / "zero2.json"),
-        ]
-    )
-    assert calls == ["train", "shutdown"]  # other ranks never evaluate
+
+
+def test_srun_binding_starts_the_group_on_device_0(monkeypatch) -> None:
+    """Defect 1 of issue 18: under srun --gpus-per-task=1 (one visible GPU, SLURM_LOCALID=3) DeepSpeed's
+    init_distributed passes device_id=cuda:$LOCAL_RANK and torch raises "device_id cuda:3 is out of range".
+    The group is now started before DeepSpeed with this process's device (cuda:0); DeepSpeed only creates
+    its device_id when torch.distributed is not yet initialised (checked against its source)."""
+    import inspect
+
+    import deepspeed
+    import torch.distributed as tdist
+    from deepspeed.comm.torch import TorchBackend
+
+    import train.launch as launch
+    from nextlocmoe.config import load_config
+
+    src = inspect.getsource(TorchBackend.init_process_group)
+    assert "if not torch.distributed.is_initialized()" in src and "LOCAL_RANK" in src
+    for k, v in {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "3"}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    state = {"init": False, "calls": []}
+
+    def fake_init(backend=None, **kw):
+        dev = kw.get("device_id")
+        if dev is not None and dev.index >= 1:  # what torch does with one visible device
+            raise RuntimeError(f"device_id {dev} is out of range")
+        state["calls"].append((backend, dev))
+        state["init"] = True
+
+    def fake_ds_init(dist_backend=None, timeout=None, **kw):
+        state["calls"].append(("deepspeed", tdist.is_initialized()))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: state["calls"].append(("set_device", i)))
+    monkeypatch.setattr(tdist, "init_process_group", fake_init)
+    monkeypatch.setattr(tdist, "is_initialized", lambda: state["init"])
+    monkeypatch.setattr(deepspeed, "init_distributed", fake_ds_init)
+    import deepspeed.comm as dsc
+
+    monkeypatch.setattr(dsc, "get_rank", lambda: 3)
+    monkeypatch.setattr(dsc, "get_world_size", lambda: 4)
+    d = launch.init_process_group(load_config(ROOT / "configs" / "debug.yaml"))
+    assert state["calls"] == [("set_device", 0), ("nccl", torch.device("cuda", 0)), ("deepspeed", True)]
+    assert (d.rank, d.world, d.local_rank, d.device_index) == (3, 4, 3, 0)
 
 
 def test_gpu_bf16_reduces_gradients_in_fp32() -> None:
