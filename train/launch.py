@@ -30,7 +30,7 @@ import torch
 from nextlocmoe.config import Config
 from train.loop import Dist, StepFailure
 
-EXPECTED = (ValueError, FileNotFoundError)  # config / strategy / data errors: one line, exit 2
+EXPECTED = (ValueError, FileNotFoundError)  # at start-up: config / strategy / data errors, one line, exit 2
 
 
 def _slurm_env() -> None:
@@ -130,11 +130,13 @@ def reason(e: BaseException) -> str:
     return f"{step}{type(root).__name__}: {msg}{where}"
 
 
-def fail_fast(e: BaseException) -> None:
-    """Print this rank's traceback (unexpected errors) and one reason line, then exit now: no barrier,
-    no process-group teardown, no atexit handlers (they may wait on ranks blocked in a collective)."""
+def fail_fast(e: BaseException, startup: bool = False) -> None:
+    """Print this rank's traceback and one reason line, then exit now: no barrier, no process-group
+    teardown, no atexit handlers (they may wait on ranks blocked in a collective). A ValueError /
+    FileNotFoundError before the first step (``startup``: config, strategy, data, world size) is the
+    user's input: one line, exit 2; anything else (a step, the final evaluation) prints the traceback."""
     rank = os.environ.get("RANK", "0")
-    expected = isinstance(e, EXPECTED) and not isinstance(e, StepFailure)
+    expected = startup and isinstance(e, EXPECTED) and not isinstance(e, StepFailure)
     if expected:
         print(f"train: error: {e}", file=sys.stderr)
     else:

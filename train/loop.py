@@ -365,11 +365,11 @@ def train_run(cfg: Config, ds_json: str, d: Dist, resume: bool = False) -> Path:
     for step in range(start + 1, total + 1):
         try:
             parts, aux, batch = run_step(engine, batches, cfg, xy_std, step)
+            n, S = cfg.data.batch_size * acc * d.world, seq_tokens(engine.module, batch)
+            tput.flops_per_token = tput.flops_per_token or model_flops_per_token(engine.module, S)
+            tput.step(n, n * S)
         except Exception as e:
             raise StepFailure(step) from e
-        n, S = cfg.data.batch_size * acc * d.world, seq_tokens(engine.module, batch)
-        tput.flops_per_token = tput.flops_per_token or model_flops_per_token(engine.module, S)
-        tput.step(n, n * S)
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == total:
             row = {"step": step, **_reduce_mean(parts.as_floats(), d, engine.device)}

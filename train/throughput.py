@@ -32,7 +32,8 @@ def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
     fwd = 2 * weights + n * 4 * seq_len * d
     scored = getattr(model, "scored", None)
     if scored is not None and hasattr(scored, "loc_emb"):
-        L, m = scored.loc_emb.weight.shape
+        w = scored.loc_emb.weight
+        L, m = getattr(w, "ds_shape", w.shape)  # ZeRO-3 partitions the tensor; ds_shape is the full one
         fwd += 2 * L * m / seq_len
     return 3.0 * fwd
 

@@ -27,7 +27,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation (eval.json)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # flags may follow the key=value overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,18 +43,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from train.launch import fail_fast, final_eval, init_process_group, shutdown
 
-    try:  # any exception on any rank: traceback + one line, exit now (no barrier): train/launch.py
+    # Any exception on any rank: traceback + one line, exit now, never a barrier (train/launch.py).
+    try:
         d = init_process_group(cfg)
         from train.loop import train_run
 
         run_dir = train_run(cfg, args.deepspeed, d, resume=args.resume)
+    except BaseException as e:  # noqa: BLE001 - SystemExit / KeyboardInterrupt too
+        fail_fast(e, startup=True)
+    try:
         if args.no_eval:
             if d.is_main:
                 print(f"train: final evaluation skipped; run it with:\n  {eval_command(run_dir, cfg)}")
         else:
             final_eval(run_dir, cfg, d)  # sharded over the ranks, each on its own device
-    except BaseException as e:  # noqa: BLE001 - SystemExit / KeyboardInterrupt too: never a barrier
-        fail_fast(e)
+    except BaseException as e:  # noqa: BLE001
+        fail_fast(e, startup=False)
     shutdown()
     return 0
 

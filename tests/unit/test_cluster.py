@@ -105,7 +105,7 @@ def _entry(monkeypatch, rank: int, train_run):
     # the entry imports these from train.launch after its cheap config checks: patch them there
     monkeypatch.setattr(launch, "init_process_group", lambda cfg: loop.Dist(rank, 2, rank))
     monkeypatch.setattr(launch, "shutdown", lambda: calls.append("shutdown"))
-    monkeypatch.setattr(loop, "train_run", train_run(calls))
+    monkeypatch.setattr(loop, "train_run", train_run(calls))  # startup=True errors come from here
     monkeypatch.setattr(launch, "final_eval", lambda run_dir, cfg, d: calls.append(("eval", d.rank)))
 
     def fake_exit(code: int) -> None:
