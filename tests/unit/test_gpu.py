@@ -59,7 +59,14 @@ def test_shared_base_experts_match_reference_on_cuda() -> None:
 
 
 def test_cuda_device_index_matches_visible_devices() -> None:
+    """The device train/launch.py binds is the one this process's LOCAL_RANK names among the visible ones
+    (device 0 when one is visible, as under srun per-task binding), and work placed there runs there."""
     from train.launch import cuda_device_index
 
-    assert 0 <= cuda_device_index(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count(),
-                                  torch.cuda.device_count()) < torch.cuda.device_count()  # fmt: skip
+    n = torch.cuda.device_count()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    want = 0 if n == 1 else local
+    idx = cuda_device_index(local, n)
+    assert idx == want, (local, n, idx)
+    x = torch.ones(4, device=f"cuda:{idx}") * 2
+    assert x.device.index == idx and float(x.sum()) == 8.0
