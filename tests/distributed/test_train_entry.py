@@ -353,10 +353,13 @@ sys.exit(max(abs(p.returncode) for p in procs))
 '''
 
 
-@pytest.mark.parametrize("launch", ["torchrun", "srun"])
-def test_slurm_wrapper_trains_the_same_job(nyc: Path, reference: Path, tmp_path: Path, launch: str) -> None:
-    """train/slurm.sbatch on 2 fake "nodes" (srun / scontrol stand-ins on this machine): LAUNCH=torchrun (one
-    torchrun per node) and LAUNCH=srun (train.py per task, SLURM_* -> RANK/WORLD_SIZE in train/launch.py)."""
+@pytest.mark.parametrize(("launch", "nodes"), [("torchrun", 2), ("srun", 2), ("srun", 1)])
+def test_slurm_wrapper_trains_the_same_job(
+    nyc: Path, reference: Path, tmp_path: Path, launch: str, nodes: int
+) -> None:
+    """train/slurm.sbatch on fake "nodes" (srun / scontrol stand-ins on this machine): LAUNCH=torchrun (one
+    torchrun per node) and LAUNCH=srun (train.py per task, SLURM_* -> RANK/WORLD_SIZE in train/launch.py);
+    srun with 2 tasks on 1 node gives rank 1 SLURM_LOCALID=1 (the per-task binding case, on CPU)."""
     shims = tmp_path / "bin"
     shims.mkdir()
     (shims / "srun").write_text(FAKE_SRUN.format(python=sys.executable))
@@ -364,8 +367,9 @@ def test_slurm_wrapper_trains_the_same_job(nyc: Path, reference: Path, tmp_path:
     for f in shims.iterdir():
         f.chmod(0o755)
     env = {**ENV, "PATH": f"{shims}:{ENV['PATH']}", "LAUNCH": launch, "PYTHON": sys.executable,
-           "SLURM_JOB_NODELIST": "fake[0-1]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242",
-           "SLURM_SUBMIT_DIR": str(ROOT), "NPROC_PER_NODE": "1", "MASTER_PORT": str(free_port())}  # fmt: skip
+           "SLURM_JOB_NODELIST": "fake[0-1]", "SLURM_NNODES": str(nodes), "SLURM_JOB_ID": "4242",
+           "SLURM_SUBMIT_DIR": str(ROOT), "NPROC_PER_NODE": str(2 // nodes),
+           "MASTER_PORT": str(free_port())}  # fmt: skip
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
         env.pop(k, None)
     args = job(nyc, tmp_path, "slurm")[1:]  # CONFIG DS ... without the script name
@@ -379,7 +383,7 @@ def test_slurm_wrapper_trains_the_same_job(nyc: Path, reference: Path, tmp_path:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out[-3000:]
-    assert f"{launch}, 2 node(s) x 1 process(es), rendezvous 127.0.0.1" in out
+    assert f"{launch}, {nodes} node(s) x {2 // nodes} process(es), rendezvous 127.0.0.1" in out
     ref, got = losses(reference), losses(tmp_path / "slurm")
     assert got.keys() == ref.keys()
     assert_same_curve(got, ref, ref)
