@@ -83,8 +83,8 @@ def gather_predictions(res: dict[str, np.ndarray], p: Placement) -> dict[str, np
     dist.all_gather_object(parts, res)
     if not p.is_main:
         return None
-    keys = [k for k in parts[0] if all(k in r for r in parts)]
-    return {k: np.concatenate([r[k] for r in parts]) for k in keys}
+    parts = [r for r in parts if r]  # a rank with no batch (fewer batches than ranks) contributes nothing
+    return {k: np.concatenate([r[k] for r in parts]) for k in parts[0]}
 
 
 def evaluate_run_sharded(
