@@ -93,7 +93,7 @@ def _location_table(loc: np.ndarray, ids: np.ndarray, cols: dict, info: dict) ->
     }
 
 
-def _durations(
+def user_durations(
     user: np.ndarray, t: np.ndarray, given: np.ndarray | None, cap: float
 ) -> tuple[np.ndarray, str]:
     """Stay length per sorted record [N] float32 minutes, capped at `cap`."""
@@ -165,7 +165,7 @@ def build(
     starts = np.flatnonzero(np.r_[True, ucode[1:] != ucode[:-1]])
     n_user = np.diff(np.r_[starts, len(ucode)])
     pos = np.arange(len(ucode)) - np.repeat(starts, n_user)
-    dur, info["duration"] = _durations(ucode, cols["t_min"], cols["dur_min"], duration_cap_min)
+    dur, info["duration"] = user_durations(ucode, cols["t_min"], cols["dur_min"], duration_cap_min)
     if cols["split"] is not None:
         split = cols["split"].astype(np.int8)
         info["split_method"] = (
