@@ -168,3 +168,99 @@ def test_engine_folder_errors_are_one_line(built: dict, tmp_path: Path) -> None:
     assert (
         p.returncode == 2 and "venues.npz: not found" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     )
+
+
+@pytest.fixture(scope="module")
+def server(built: dict):
+    """``nextlocmoe serve``'s app on 127.0.0.1 (a free port), in a thread; stopped after the module."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from nextlocmoe.serve.predictor import Predictor
+    from nextlocmoe.serve.server import ServerSettings, create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(Predictor(built["eng"]), ServerSettings(max_batch=8, max_wait_ms=5.0))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    deadline = time.time() + 60
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    th.join(timeout=10)
+
+
+def _http(base: str, path: str, body: object = None, raw: bytes | None = None) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _user_records(built: dict, n: int = 30) -> tuple[str, list[dict]]:
+    rows = [line.split(",") for line in (built["root"] / "records.csv").read_text().splitlines()[1:]]
+    user = rows[0][0]
+    recs = [{"venue": v, "time": t} for u, v, t, _, _ in rows if u == user]
+    return user, sorted(recs, key=lambda r: r["time"])[:n]
+
+
+def test_server_events_then_predict_equals_predictor(built: dict, server: str) -> None:
+    from nextlocmoe.serve.predictor import Predictor
+
+    assert _http(server, "/healthz") == (200, {"status": "ok"})
+    code, ready = _http(server, "/readyz")
+    assert code == 200 and ready["ready"] and ready["backend"] == "onnxruntime"
+    user, recs = _user_records(built)
+    code, res = _http(server, "/events", {"user": user, "records": recs[:20]})
+    assert code == 200 and res["added"] + res["duplicates"] == 20 and res["added"] >= 15
+    n = res["added"]
+    code, res = _http(server, "/events", {"user": user, "records": recs[20:]})
+    assert code == 200 and res["stored"] == n + res["added"]
+    at = "2013-03-01T12:00:00Z"
+    code, ans = _http(server, "/predict", {"user": user, "at": at, "top_k": 5})
+    ref = Predictor(built["eng"]).predict([{"user": user, **r} for r in recs], at=at, top_k=5)[0]
+    assert code == 200 and ans["venues"] == ref["venues"] and ans["source"] == "model"
+    code, stateless = _http(server, "/predict", {"user": "x", "at": at, "top_k": 5, "records": recs})
+    assert code == 200 and stateless["venues"] == ref["venues"]
+    code, cold = _http(server, "/predict", {"user": "never-seen", "at": at})
+    assert code == 200 and cold["source"] == "popularity" and "cold start" in cold["note"]
+    assert len(cold["venues"]) == 10
+
+
+def test_server_bad_requests_get_4xx_with_a_reason(built: dict, server: str) -> None:
+    user, recs = _user_records(built, 10)
+    _http(server, "/events", {"user": "bad-u", "records": recs})
+    v0, old, nan = recs[0]["venue"], "2012-01-01T00:00:00Z", b'"lat": NaN, "lon": 1.0}]}'
+    cases = [
+        ("/predict", None, b'{"user": "a", "at": ', 400, "malformed JSON"),
+        ("/events", {"user": "a", "records": [{"venue": "no-such", "time": 0}]}, None, 422, "no lat/lon"),
+        ("/events", {"user": "a", "records": [{"venue": "zz", "time": 0, "lat": 95.0, "lon": 1.0}]}, None,
+         422, "bad coordinates"),
+        ("/events", None, b'{"user": "a", "records": [{"venue": "zz", "time": 0, ' + nan, 422,
+         "bad coordinates"),
+        ("/events", {"user": "bad-u", "records": [{"venue": v0, "time": old}]}, None, 409, "time order"),
+        ("/events", {"user": "a", "records": [{"venue": v0, "time": "nope"}]}, None, 422, "cannot parse"),
+        ("/predict", {"user": "bad-u", "at": old}, None, 409, "before the user's last"),
+        ("/predict", {"user": "bad-u", "at": "2013-01-01T00:00:00Z", "top_k": 500}, None, 422, "top_k"),
+        ("/predict", {"at": 0}, None, 422, "user"),
+    ]  # fmt: skip
+    for path, body, raw, code, reason in cases:
+        got, res = _http(server, path, body, raw)
+        assert (got, reason in res.get("error", "")) == (code, True), (path, body, raw, got, res)
+        assert "\n" not in res["error"]
+    code, m = _http(server, "/metrics")
+    assert code == 200 and m["requests"]["/predict 400"] >= 1 and m["predict_latency"]["p50_ms"] > 0
