@@ -97,8 +97,8 @@ def user_durations(
     user: np.ndarray, t: np.ndarray, given: np.ndarray | None, cap: float
 ) -> tuple[np.ndarray, str]:
     """Stay length per sorted record [N] float32 minutes, capped at `cap`."""
-    last = np.r_[user[1:] != user[:-1], True]
-    gap = np.r_[np.diff(t), 0].astype(np.float64)
+    last = np.append(user[1:] != user[:-1], True)
+    gap = np.append(np.diff(t), 0).astype(np.float64)
     gap = np.minimum(np.where(last, np.nan, gap), cap)
     if given is not None:
         dur = np.where(np.isfinite(given), np.minimum(given, cap), gap)
@@ -119,7 +119,7 @@ def user_durations(
 def _user_median(user: np.ndarray, values: np.ndarray) -> np.ndarray:
     """[U] median of finite values per user code (NaN when none); user sorted ascending."""
     out = np.full(int(user.max()) + 1, np.nan)
-    bounds = np.flatnonzero(np.r_[True, user[1:] != user[:-1], True])
+    bounds = np.flatnonzero(np.concatenate(([True], user[1:] != user[:-1], [True])))
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         v = values[a:b]
         v = v[np.isfinite(v)]

@@ -65,13 +65,20 @@ class VenueIndex:
 @dataclass
 class UserHistory:
     """One user's records in time order, at most ``keep`` of them (the newest): loc [n] (engine index,
-    -1 unknown venue), x, y [n] metres, t_min [n] minutes since 1970 UTC, weekday, hour [n]."""
+    -1 unknown venue), x, y [n] metres, t_min [n] minutes since 1970 UTC, weekday, hour [n] in time zone
+    ``tz`` (computed once, when a record is added)."""
 
     keep: int
+    tz: str | None = None
     loc: list[int] = field(default_factory=list)
     x: list[float] = field(default_factory=list)
     y: list[float] = field(default_factory=list)
     t_min: list[int] = field(default_factory=list)
+    weekday: list[int] = field(default_factory=list)
+    hour: list[int] = field(default_factory=list)
+
+    def _lists(self) -> tuple[list, ...]:
+        return (self.loc, self.x, self.y, self.t_min, self.weekday, self.hour)
 
     def __len__(self) -> int:
         return len(self.t_min)
@@ -94,10 +101,11 @@ class UserHistory:
             if self.loc[j] == loc and (loc >= 0 or (self.x[j], self.y[j]) == (x, y)):
                 return False
             j -= 1
-        for lst, v in ((self.loc, loc), (self.x, x), (self.y, y), (self.t_min, t)):
+        wd, hr = local_weekday_hour(np.array([t]), self.tz)
+        for lst, v in zip(self._lists(), (loc, x, y, t, int(wd[0]), int(hr[0])), strict=True):
             lst.insert(i, v)
         if len(self.t_min) > self.keep:
-            for lst in (self.loc, self.x, self.y, self.t_min):
+            for lst in self._lists():
                 del lst[: len(lst) - self.keep]
         return True
 
@@ -129,12 +137,14 @@ def record_xy(engine: Engine, index: VenueIndex, venue: Any, lat: Any, lon: Any)
     return -1, float(x[0]), float(y[0])
 
 
-def sequence(hist: UserHistory, n: int, at: int, window: int, tz: str | None) -> dict[str, np.ndarray]:
+def sequence(hist: UserHistory, n: int, at: int, window: int) -> dict[str, np.ndarray]:
     """The featurizer's rows for a query at minute ``at``: the last ``window`` of the first ``n`` records
     of ``hist`` (those before ``at``) + the query row (loc -1, x/y NaN) last."""
     a = max(0, n - window)
     t = np.array(hist.t_min[a:n] + [at], dtype=np.int64)
-    wd, hr = local_weekday_hour(t, tz)
+    qwd, qhr = local_weekday_hour(np.array([at]), hist.tz)
+    wd = np.array(hist.weekday[a:n] + [int(qwd[0])], dtype=np.int8)
+    hr = np.array(hist.hour[a:n] + [int(qhr[0])], dtype=np.int8)
     return {
         "loc": np.array(hist.loc[a:n] + [-1], dtype=np.int64),
         "x": np.array(hist.x[a:n] + [math.nan], dtype=np.float64),

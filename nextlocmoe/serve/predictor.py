@@ -107,7 +107,7 @@ class Predictor:
     def new_history(self, bounded: bool = True) -> UserHistory:
         """An empty history: the last max(P, H + C) records (a live user's state), or all of them
         (``bounded=False``: offline records answered at several earlier times)."""
-        return UserHistory(self.window if bounded else 1 << 62)
+        return UserHistory(self.window if bounded else 1 << 62, self.tz)
 
     def add_record(self, hist: UserHistory, rec: dict[str, Any], allow_past: bool = False) -> bool:
         """Validate one raw record {venue, time, lat?, lon?} and add it to ``hist``."""
@@ -154,14 +154,12 @@ class Predictor:
         top_k = self.check_top_k(top_k)
         ns = [q.hist.before(q.at) for q in queries]
         model_rows = [i for i, n in enumerate(ns) if n >= self.min_records]
-        answers: list[dict[str, Any]] = [
-            self._popularity(q, n, top_k) for q, n in zip(queries, ns, strict=True)
+        answers: list[Any] = [
+            None if n >= self.min_records else self._popularity(q, n, top_k)
+            for q, n in zip(queries, ns, strict=True)
         ]
         if model_rows:
-            seqs = [
-                history_sequence(queries[i].hist, ns[i], queries[i].at, self.window, self.tz)
-                for i in model_rows
-            ]
+            seqs = [history_sequence(queries[i].hist, ns[i], queries[i].at, self.window) for i in model_rows]
             out = self.run_sequences(seqs)
             for j, i in enumerate(model_rows):
                 answers[i] = self._answer(

@@ -116,7 +116,7 @@ def test_featurizer_rebuilds_the_store_tensors_from_raw_records(built: dict) -> 
     for (u, t), keep in zip(qs, ok, strict=True):
         if keep:
             h, at = hists[u], int(np.datetime64(t.rstrip("Z"), "m").astype(np.int64))
-            seqs.append(sequence(h, h.before(at), at, p.window, p.tz))
+            seqs.append(sequence(h, h.before(at), at, p.window))
     feats = p.features(seqs)
     store = TrajectoryDataset(built["data"], "test", pointer=p.P).get_batch(built["sel"][ok])
     for name in p.input_names:

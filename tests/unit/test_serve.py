@@ -52,7 +52,7 @@ def test_featurizer_on_raw_records_gives_the_store_tensors(prepared_fsq: Path, f
         h = UserHistory(1 << 30)
         for li, t in zip(loc, rows[:, 2], strict=True):
             h.add(int(li), float(xy["x"][li]), float(xy["y"][li]), int(t))
-        s = sequence(h, len(h), int(rec["t_min"][r]), 1 << 30, None)  # the whole prefix + the query
+        s = sequence(h, len(h), int(rec["t_min"][r]), 1 << 30)  # the whole prefix + the query
         idx = np.flatnonzero(rec["user"] == rec["user"][r])  # store weekday/hour (the fsq-nyc clock)
         s["weekday"] = rec["weekday"][idx[: len(s["t_min"])]]
         s["hour"] = rec["hour"][idx[: len(s["t_min"])]]
