@@ -88,8 +88,7 @@ def e2e_backend(predictor: Any, users: list[dict], batch_sizes: list[int], warmu
         def raw(reqs: list = reqs) -> Any:
             hs = [predictor.new_history() for _ in reqs]
             for h, u in zip(hs, reqs, strict=True):
-                for r in u["records"]:
-                    predictor.add_record(h, r)
+                predictor.add_records(h, u["records"])
             return predictor.predict_queries(
                 [Query(u["user"], h, parse_time(u["at"])) for h, u in zip(hs, reqs, strict=True)]
             )

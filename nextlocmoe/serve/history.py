@@ -41,6 +41,23 @@ def parse_time(value: Any, what: str = "time") -> int:
     return int(math.floor(mins[0]))
 
 
+def parse_times(values: list[Any], what: str = "records") -> np.ndarray:
+    """Many times at once (``parse_time`` rules) -> [n] int64 minutes; RequestError names the first bad
+    one."""
+    out = np.empty(len(values), dtype=np.int64)
+    text = [i for i, v in enumerate(values) if isinstance(v, str)]
+    if text:
+        mins, ok = parse_time_minutes(np.array([values[i] for i in text]))
+        for j, i in enumerate(text):
+            if not ok[j] or not math.isfinite(mins[j]):
+                raise RequestError(f"{what}[{i}].time: cannot parse {values[i]!r} (unix seconds or ISO-8601)")
+            out[i] = math.floor(mins[j])
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            out[i] = parse_time(v, f"{what}[{i}].time")
+    return out
+
+
 def iso_minutes(t_min: int) -> str:
     return str(np.datetime64(int(t_min), "m")) + "Z"
 
@@ -83,9 +100,15 @@ class UserHistory:
     def __len__(self) -> int:
         return len(self.t_min)
 
-    def add(self, loc: int, x: float, y: float, t: int, allow_past: bool = False) -> bool:
+    def copy(self) -> UserHistory:
+        return UserHistory(self.keep, self.tz, *(list(v) for v in self._lists()))
+
+    def add(
+        self, loc: int, x: float, y: float, t: int, allow_past: bool = False, wd_hr: tuple | None = None
+    ) -> bool:
         """Append one record; False when it repeats the last (venue, minute). An earlier time than the last
-        record is a RequestError unless ``allow_past`` (then it is inserted in order)."""
+        record is a RequestError unless ``allow_past`` (then it is inserted in order). ``wd_hr``: its
+        weekday and hour when already computed (else from ``t`` in ``tz``)."""
         if self.t_min and t < self.t_min[-1]:
             if not allow_past:
                 last = iso_minutes(self.t_min[-1])
@@ -101,8 +124,10 @@ class UserHistory:
             if self.loc[j] == loc and (loc >= 0 or (self.x[j], self.y[j]) == (x, y)):
                 return False
             j -= 1
-        wd, hr = local_weekday_hour(np.array([t]), self.tz)
-        for lst, v in zip(self._lists(), (loc, x, y, t, int(wd[0]), int(hr[0])), strict=True):
+        wd, hr = (
+            wd_hr if wd_hr is not None else (int(v[0]) for v in local_weekday_hour(np.array([t]), self.tz))
+        )
+        for lst, v in zip(self._lists(), (loc, x, y, t, int(wd), int(hr)), strict=True):
             lst.insert(i, v)
         if len(self.t_min) > self.keep:
             for lst in self._lists():

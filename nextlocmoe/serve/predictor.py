@@ -20,8 +20,17 @@ from typing import Any
 import numpy as np
 
 from nextlocmoe.data.featurize import sample_features, sequence_columns
+from nextlocmoe.data.parsing import local_weekday_hour
 from nextlocmoe.serve.engine import Engine, load_engine
-from nextlocmoe.serve.history import RequestError, UserHistory, VenueIndex, iso_minutes, parse_time, record_xy
+from nextlocmoe.serve.history import (
+    RequestError,
+    UserHistory,
+    VenueIndex,
+    iso_minutes,
+    parse_time,
+    parse_times,
+    record_xy,
+)
 from nextlocmoe.serve.history import sequence as history_sequence
 
 BACKENDS = ("onnxruntime", "torch")
@@ -116,6 +125,34 @@ class Predictor:
         t = parse_time(rec.get("time"), "time")
         loc, x, y = record_xy(self.engine, self.index, rec["venue"], rec.get("lat"), rec.get("lon"))
         return hist.add(loc, x, y, t, allow_past)
+
+    def add_records(self, hist: UserHistory, recs: list[dict[str, Any]], allow_past: bool = False) -> int:
+        """Validate every record first (all or nothing: RequestError names ``records[i]``), then add them in
+        order; returns how many were added (repeats of a (venue, minute) are not)."""
+        times = parse_times([r.get("time") for r in recs])
+        parsed = []
+        for i, r in enumerate(recs):
+            if r.get("venue") is None or str(r["venue"]).strip() == "":
+                raise RequestError(f"records[{i}]: lacks 'venue'")
+            try:
+                parsed.append(record_xy(self.engine, self.index, r["venue"], r.get("lat"), r.get("lon")))
+            except RequestError as e:
+                raise RequestError(f"records[{i}]: {e}") from None
+        if not allow_past and (
+            np.any(np.diff(times) < 0) or (len(hist) and len(times) and times[0] < hist.t_min[-1])
+        ):
+            last = hist.t_min[-1] if len(hist) else int(times[0])
+            raise RequestError(
+                f"records go back in time (before {iso_minutes(last)}): events must arrive in time order"
+            )
+        wd, hr = local_weekday_hour(times, self.tz)
+        staged = hist.copy()
+        n = sum(
+            staged.add(*p, int(t), allow_past, (a, b))
+            for p, t, a, b in zip(parsed, times, wd, hr, strict=True)
+        )
+        hist.__dict__.update(staged.__dict__)
+        return n
 
     def histories(self, records: Iterable[dict[str, Any]]) -> dict[Any, UserHistory]:
         """Records of any users in any order -> {user: UserHistory} in time order (RequestError names the

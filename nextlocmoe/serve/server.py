@@ -17,7 +17,6 @@ earlier than the user's last recorded event.
 from __future__ import annotations
 
 import asyncio
-import copy
 import math
 import time
 from collections import Counter, OrderedDict, deque
@@ -129,22 +128,22 @@ class State:
                 out[i] = ans
         return out
 
-    def history(self, user: Any, create: bool = True) -> UserHistory | None:
+    def history(self, user: Any) -> UserHistory | None:
+        """The user's state (marked recently used), None when the server holds none."""
         h = self.users.get(user)
-        if h is None and create:
-            h = self.users[user] = self.p.new_history()
-            while len(self.users) > self.settings.max_users:
-                self.users.popitem(last=False)
         if h is not None:
             self.users.move_to_end(user)
         return h
 
     def add_events(self, user: Any, records: list[Record]) -> dict[str, Any]:
         """Validate every record first (all or nothing), then append in order."""
-        staged = copy.deepcopy(self.users.get(user)) or self.p.new_history()
-        added = sum(bool(self.p.add_record(staged, r.model_dump())) for r in records)
+        found = self.users.get(user)
+        staged = found.copy() if found is not None else self.p.new_history()
+        added = self.p.add_records(staged, [r.model_dump() for r in records])
         self.users[user] = staged
-        self.history(user)
+        self.users.move_to_end(user)
+        while len(self.users) > self.settings.max_users:
+            self.users.popitem(last=False)
         return {"user": user, "added": added, "duplicates": len(records) - added, "stored": len(staged)}
 
 
@@ -247,14 +246,10 @@ def _query(st: State, body: PredictBody) -> Query:
     at = int(time.time() // 60) if body.at is None else parse_time(body.at, "at")
     if body.records is not None:
         hist = st.p.new_history()
-        for i, r in enumerate(body.records):
-            try:
-                st.p.add_record(hist, r.model_dump(), allow_past=True)
-            except RequestError as e:
-                raise RequestError(f"records[{i}]: {e}") from None
+        st.p.add_records(hist, [r.model_dump() for r in body.records], allow_past=True)
     else:
-        found = st.history(body.user, create=False)
-        hist = copy.deepcopy(found) if found is not None else st.p.new_history()
+        found = st.history(body.user)
+        hist = found.copy() if found is not None else st.p.new_history()
     if len(hist) and at < hist.t_min[-1] and body.records is None:
         raise RequestError(
             f"at ({at * 60} s) is before the user's last recorded event: query times must not go back"
