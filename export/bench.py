@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(result))
     for r in result.get("e2e_rows", []):
         where = f"e2e {r['backend']:<12} {r['path']:<6} batch {r['batch']:>4}"
-        print(f"{where}  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms")
+        print(
+            f"{where}  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  graph {r['graph_p50_ms']:.3f} ms"
+        )
     if "e2e_vs_graph_batch1" in result:
         print(f"end-to-end / graph-only p50 at batch 1: {result['e2e_vs_graph_batch1']}")
     if "load_test" in result:

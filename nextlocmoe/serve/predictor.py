@@ -47,6 +47,8 @@ class OrtBackend:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        # idle intra-op threads would spin after each run and take the CPU from the featurizer between runs
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sess = ort.InferenceSession(
             str(engine_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"]
         )
