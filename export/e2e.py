@@ -191,7 +191,8 @@ def load_test(engine_dir: Path, users: list[dict], clients: int, seconds: float,
         for th in threads:
             th.join(timeout=seconds + 60)
         wall = time.perf_counter() - t0
-        _, metrics = _request(conn, "GET", "/metrics")
+        conn.close()  # idle past the server's keep-alive during the run: a new connection
+        _, metrics = _request(http.client.HTTPConnection("127.0.0.1", port, timeout=30), "GET", "/metrics")
     finally:
         proc.terminate()
         try:
