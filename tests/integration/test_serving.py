@@ -264,3 +264,51 @@ def test_server_bad_requests_get_4xx_with_a_reason(built: dict, server: str) -> 
         assert "\n" not in res["error"]
     code, m = _http(server, "/metrics")
     assert code == 200 and m["requests"]["/predict 400"] >= 1 and m["predict_latency"]["p50_ms"] > 0
+
+
+def test_serve_cli_from_a_moved_engine_under_a_bounded_loopback_load(built: dict, tmp_path: Path) -> None:
+    """``nextlocmoe serve`` (subprocess, 127.0.0.1) on a copy of the engine with the data folder moved away:
+    2 clients for 2 s (export/e2e.py load_test, as bench's --load-clients runs it)."""
+    from export.e2e import load_test, synthetic_users
+    from nextlocmoe.serve.engine import load_engine
+
+    moved = tmp_path / "copy" / "engines"
+    shutil.copytree(built["eng"], moved)
+    away = tmp_path / "data_away"
+    shutil.move(built["data"], away)
+    try:
+        users = synthetic_users(load_engine(moved).venues, 8, 256)
+        res = load_test(moved, users, clients=2, seconds=2.0)
+    finally:
+        shutil.move(away, built["data"])
+    assert res["errors"] == 0 and res["requests"] > 10 and res["host"] == "127.0.0.1"
+    assert res["p99_ms"] >= res["p50_ms"] > 0 and sum(res["server_batch_sizes"].values()) > 0
+
+
+def test_predict_counts_unusable_rows_and_keeps_unknown_venues_with_coordinates(
+    built: dict, tmp_path: Path
+) -> None:
+    rows = (built["root"] / "records.csv").read_text().splitlines()
+    user = rows[1].split(",")[0]
+    mine = [r for r in rows[1:] if r.split(",")[0] == user][:30]
+    extra = [
+        f"{user},brand-new-cafe,2013-02-01T10:00:00Z,40.7301,-73.9901",  # unknown, with coordinates: kept
+        f"{user},another-new-place,2013-02-01T11:00:00Z,,",  # unknown, no coordinates: unknown_venue
+        f"{user},{mine[0].split(',')[1]},2013-02-01T12:00:00Z,nan,-73.99",  # known: the engine's coordinates
+        f"{user},{mine[0].split(',')[1]},not-a-time,40.7,-73.99",  # unparsable_time
+    ]
+    (tmp_path / "r.csv").write_text("\n".join([rows[0], *mine, *extra]) + "\n")
+    out = tmp_path / "p.jsonl"
+    p = _cli("predict", "--engine", str(built["eng"]), "--records", str(tmp_path / "r.csv"), "--lat-col",
+             "lat", "--lon-col", "lon", "--at", "2013-02-01T13:00:00Z", "--out", str(out))  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    summary = json.loads(p.stderr.strip().splitlines()[-1].removeprefix("predict: "))
+    acct = summary["records"]
+    assert acct["dropped"] == {"unknown_venue": 1, "unparsable_time": 1} and acct["kept"] == len(mine) + 2
+    assert "r.csv:" in acct["first"]["unknown_venue"] and "not-a-time" in acct["first"]["unparsable_time"]
+    ans = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(ans) == 1 and ans[0]["source"] == "model" and len(ans[0]["venues"]) == 10
+    p = _cli("predict", "--engine", str(built["eng"]), "--records", str(tmp_path / "r.csv"), "--top-k", "99")
+    assert (
+        p.returncode == 2 and "top_k must be an integer in 1..20" in p.stderr and "Traceback" not in p.stderr
+    )
