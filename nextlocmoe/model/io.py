@@ -50,13 +50,13 @@ def load_run_config(run_dir: str | Path) -> Config:
 
 
 def resolve_data_dir(run_dir: str | Path, data_dir: str) -> Path:
-    """The run's training data folder (``data.dir`` as saved): absolute as it is; a relative one as given
-    (the working directory it was trained from), else relative to the run folder or one of its parents, else
-    the run's sibling of the same name (a moved ``demo-out/``). RunError naming the tries when none holds a
-    ``manifest.json`` (pass the data folder explicitly: ``--data``)."""
+    """The run's training data folder (``data.dir`` as saved): an absolute one as it is; a relative one as
+    given (the working directory it was trained from), else relative to the run folder or one of its
+    parents; else the run's sibling of the same name (a moved ``demo-out/``). RunError naming the tries when
+    none holds a ``manifest.json`` (pass the data folder explicitly: ``--data``)."""
     p, run = Path(data_dir), Path(run_dir).resolve()
     if p.is_absolute():
-        tries = [p]
+        tries = [p, run.parent / p.name]
     else:
         tries = [p, run / p, *(a / p for a in run.parents), run.parent / p.name]
     for t in tries:

@@ -32,6 +32,8 @@ def test_run_data_dir_found_from_any_working_directory_and_after_a_move(tmp_path
     (tmp_path / "a").rename(tmp_path / "moved")
     got = resolve_data_dir(tmp_path / "moved" / "demo-out" / "run", "demo-out/data")
     assert got == tmp_path / "moved" / "demo-out" / "data"  # the run's sibling of the same name
+    gone = tmp_path / "a" / "demo-out" / "data"  # an absolute data.dir that moved with its run
+    assert resolve_data_dir(tmp_path / "moved" / "demo-out" / "run", str(gone)) == got
     with pytest.raises(RunError, match="not found .* pass the prepared data folder with --data"):
         resolve_data_dir(tmp_path / "moved" / "demo-out" / "run", "nowhere/else")
 
