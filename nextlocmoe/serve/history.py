@@ -134,6 +134,18 @@ class UserHistory:
                 del lst[: len(lst) - self.keep]
         return True
 
+    def extend(
+        self, parsed: list[tuple[int, float, float]], t: np.ndarray, wd: np.ndarray, hr: np.ndarray
+    ) -> None:
+        """Append records known to be strictly later than the last one and than each other (no repeats)."""
+        if parsed:
+            loc, x, y = (list(v) for v in zip(*parsed, strict=True))
+            for lst, v in zip(self._lists(), (loc, x, y, t.tolist(), wd.tolist(), hr.tolist()), strict=True):
+                lst.extend(v)
+        if len(self.t_min) > self.keep:
+            for lst in self._lists():
+                del lst[: len(lst) - self.keep]
+
     def before(self, t: int) -> int:
         """Number of records strictly before minute ``t``."""
         return int(np.searchsorted(np.array(self.t_min, dtype=np.int64), t, side="left"))

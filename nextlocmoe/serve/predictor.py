@@ -149,10 +149,14 @@ class Predictor:
             )
         wd, hr = local_weekday_hour(times, self.tz)
         staged = hist.copy()
-        n = sum(
-            staged.add(*p, int(t), allow_past, (a, b))
-            for p, t, a, b in zip(parsed, times, wd, hr, strict=True)
-        )
+        if len(times) and np.all(np.diff(times) > 0) and (not len(hist) or times[0] > hist.t_min[-1]):
+            staged.extend(parsed, times, wd, hr)  # the usual case: new, strictly later records
+            n = len(times)
+        else:
+            n = sum(
+                staged.add(*p, int(t), allow_past, (a, b))
+                for p, t, a, b in zip(parsed, times, wd, hr, strict=True)
+            )
         hist.__dict__.update(staged.__dict__)
         return n
 
