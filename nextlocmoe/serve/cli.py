@@ -73,7 +73,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from nextlocmoe.serve.server import ServerSettings, run_server
+    try:
+        from nextlocmoe.serve.server import ServerSettings, run_server
+    except ImportError as e:
+        raise RuntimeError(
+            f"nextlocmoe serve needs fastapi and uvicorn ({e}): pip install 'nextlocmoe[serve]'"
+        ) from None
 
     s = ServerSettings(args.max_batch, args.max_wait_ms, args.max_users)
     run_server(
