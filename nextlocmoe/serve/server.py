@@ -128,6 +128,22 @@ class State:
                 out[i] = ans
         return out
 
+    def warm_up(self) -> None:
+        """One engine call on a made-up history (venue 0, hourly) before the server says it is ready."""
+        p, warm = self.p, self.p.new_history()
+        for i in range(p.min_records):
+            warm.add(0, float(p.engine.venues["x"][0]), float(p.engine.venues["y"][0]), 60 * i)
+        p.predict_queries([Query("warm-up", warm, 60 * p.min_records)], 1)
+
+    def metrics(self) -> dict[str, Any]:
+        """GET /metrics: requests per (route, status), /predict latency p50/p99, micro-batch sizes."""
+        lat = np.array(self.latency_ms) if self.latency_ms else None
+        pct = {f"p{q}_ms": None if lat is None else round(float(np.percentile(lat, q)), 3) for q in (50, 99)}
+        reqs = {f"{p} {s}": n for (p, s), n in sorted(self.counts.items())}
+        sizes = dict(sorted(self.batcher.sizes.items()))
+        return {"requests": reqs, "predict_latency": pct, "batch_sizes": sizes, "users": len(self.users),
+                "settings": vars(self.settings)}  # fmt: skip
+
     def history(self, user: Any) -> UserHistory | None:
         """The user's state (marked recently used), None when the server holds none."""
         h = self.users.get(user)
@@ -171,15 +187,7 @@ def create_app(predictor: Predictor, settings: ServerSettings | None = None) -> 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         task = asyncio.create_task(st.batcher.run())
-        warm = predictor.new_history()  # one engine call on a made-up history of venue 0 before ready
-        for i in range(predictor.min_records):
-            warm.add(
-                0, float(predictor.engine.venues["x"][0]), float(predictor.engine.venues["y"][0]), 60 * i
-            )
-        run = predictor.predict_queries
-        await asyncio.get_running_loop().run_in_executor(
-            st.batcher.pool, run, [Query("warm-up", warm, 6000)], 1
-        )
+        await asyncio.get_running_loop().run_in_executor(st.batcher.pool, st.warm_up)
         st.ready = True
         yield
         task.cancel()
@@ -228,15 +236,7 @@ def create_app(predictor: Predictor, settings: ServerSettings | None = None) -> 
 
     @app.get("/metrics")
     async def metrics() -> dict:
-        lat = np.array(st.latency_ms) if st.latency_ms else None
-        pct = {
-            f"p{q}_ms": (round(float(np.percentile(lat, q)), 3) if lat is not None else None)
-            for q in (50, 99)
-        }
-        reqs = {f"{p} {s}": n for (p, s), n in sorted(st.counts.items())}
-        sizes = dict(sorted(st.batcher.sizes.items()))
-        return {"requests": reqs, "predict_latency": pct, "batch_sizes": sizes, "users": len(st.users),
-                "settings": vars(st.settings)}  # fmt: skip
+        return st.metrics()
 
     return app
 
