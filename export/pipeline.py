@@ -5,7 +5,8 @@ export example's -> ``export_report.json`` and what the benchmark needs.
 Engine folder: ``model.onnx`` (+ ``model.onnx.data`` when large), ``frozen.pt2`` (the exported program,
 for the torch backends), ``frozen.json`` (input/output names, routing, ranking, precision, run),
 ``locations.npy`` (normalised location table), ``sample_inputs.npz`` (held-out inputs), ``model.plan``
-(TensorRT, when built), ``export_report.json``.
+(TensorRT, when built), ``export_report.json``, and what serving needs (``serving.json``, ``venues.npz``:
+``nextlocmoe.serve.engine``, docs/SERVING.md).
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def run_export(
     compute: str = DEFAULT_EXPERT_COMPUTE,
 ) -> dict[str, Any]:
     """The whole export; returns (and writes) the report."""
-    from nextlocmoe.model.io import load_run
+    from nextlocmoe.model.io import load_run, newest_checkpoint
+    from nextlocmoe.serve.engine import write_engine_files
 
     out = Path(out_dir)
     t0 = time.time()
@@ -156,6 +158,9 @@ def run_export(
         "num_locations": int(loc.shape[0]), "opset": res.opset,
     }  # fmt: skip
     (out / FROZEN_META).write_text(json.dumps(meta, indent=2))
+    write_engine_files(
+        out, Path(cfg.data.dir), Path(run_dir), newest_checkpoint(run_dir).name, cfg, onnx_path
+    )
     (out / "export_report.json").write_text(json.dumps(report, indent=2))
     log.info("export done in %.1fs -> %s", time.time() - t0, out)
     return report

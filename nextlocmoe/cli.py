@@ -1,4 +1,5 @@
-"""`nextlocmoe` command line: thin argument parsing around the library (prepare, evaluate).
+"""`nextlocmoe` command line: thin argument parsing around the library (prepare, evaluate, ...; predict
+and serve live in nextlocmoe/serve/cli.py).
 
 Library code raises `DataError` for bad input; `main` prints it as one line and exits 2.
 """
@@ -320,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_explain(sub)
     _add_tokenize(sub)
+    from nextlocmoe.serve.cli import add_predict, add_serve
+
+    add_predict(sub)
+    add_serve(sub)
     return parser
 
 

@@ -35,7 +35,7 @@ if [ -f export/export.py ]; then
   $BIN/python export/export.py --run "$OUT/run" --out "$OUT/engines" --format onnx,tensorrt
   stage "6/6 bench: same inputs on every backend"
   $BIN/python export/bench.py --engines "$OUT/engines" --backends torch,onnxruntime,tensorrt \
-    --batch-sizes 1,8,64 --out "$OUT/bench.json" --plot "$OUT/bench.png"
+    --batch-sizes 1,8,64 --out "$OUT/bench.json" --plot "$OUT/bench.png" --load-clients 4 --load-seconds 5
 fi
 
 stage "done"
@@ -43,6 +43,7 @@ echo "outputs:"
 echo "  $OUT/data/manifest.json         prepared data + row accounting"
 echo "  $OUT/data/baselines_test.json   baselines"
 echo "  $OUT/run/                       config.yaml, metrics.jsonl, checkpoints/, eval.json"
-[ -d "$OUT/engines" ] && echo "  $OUT/engines/                   model.onnx, export_report.json"
+[ -d "$OUT/engines" ] && echo "  $OUT/engines/                   model.onnx, export_report.json, serving.json, venues.npz" \
+  && echo "  serve it: $BIN/nextlocmoe predict --engine $OUT/engines --records FILE.csv  (docs/SERVING.md)"
 [ -f "$OUT/bench.json" ] && echo "  $OUT/bench.json, $OUT/bench.png  latency table and plot"
 exit 0

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from nextlocmoe.data.featurize import sample_features
 from nextlocmoe.data.layout import (  # noqa: F401 - re-exported for callers of the store API
     RECORD_COLUMNS,
     compute_stats,
@@ -106,64 +107,15 @@ class TrajectoryDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _features(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        """Features of record indices idx [...] (>= 0): xy [..., 2] normalised (0 without coordinates),
-        weekday, hour [...] int64, dur [...] float32 in [0, 1], loc [...] int64."""
-        c = self.cols
-        xy = normalise_xy(np.stack([c["x"][idx], c["y"][idx]], axis=-1), self.stats)
-        return {
-            "xy": np.nan_to_num(xy, nan=0.0).astype(np.float32),
-            "weekday": c["weekday"][idx].astype(np.int64),
-            "hour": c["hour"][idx].astype(np.int64),
-            "dur": normalise_dur(c["dur_min"][idx], self.stats),
-            "loc": c["loc"][idx].astype(np.int64),
-        }
-
     def get_batch(self, indices: np.ndarray | list[int]) -> dict[str, np.ndarray]:
-        """Vectorised items for sample indices [B]: the batch dict (BATCH_KEYS) as numpy arrays."""
+        """Vectorised items for sample indices [B]: the batch dict (BATCH_KEYS) as numpy arrays, built by
+        the one featurizer (``featurize.sample_features``, shared with serving)."""
         i = np.asarray(indices, dtype=np.int64).reshape(-1)
         r = np.asarray(self.samples[i], dtype=np.int64)
-        H, C = self.history, self.current
-        first = r - self.cols["pos"][r].astype(np.int64)  # each target's user's first record
-        cur = self._features(r[:, None] - C + np.arange(C)[None, :])
-        h_idx = r[:, None] - C - H + np.arange(H)[None, :]
-        mask = h_idx >= first[:, None]
-        hist = self._features(np.where(mask, h_idx, r[:, None]))
-        out = {}
-        for k, v in hist.items():
-            m = mask[..., None] if v.ndim == 3 else mask
-            out[f"hist_{k}"] = np.where(m, v, np.array(-1 if k == "loc" else 0, dtype=v.dtype))
-        out["hist_mask"] = mask
-        out.update({f"cur_{k}": v for k, v in cur.items()})
-        tgt = self._features(r)
-        out.update(target_xy=tgt["xy"], target_loc=tgt["loc"], target_dur=tgt["dur"])
+        out = sample_features(self.cols, self.stats, r, self.history, self.current, self.pointer)
         out["user"] = self.cols["user"][r].astype(np.int64)
         out["sample_index"] = i
-        if self.pointer > 0:
-            out.update(self._pointer(r, first))
         return {k: out[k] for k in self.keys}
-
-    def _pointer(self, r: np.ndarray, first: np.ndarray) -> dict[str, np.ndarray]:
-        """Pointer window of targets r [B]: the P records r-P..r-1 of the same user (left-padded: loc -1,
-        other fields 0) and the query time. ``ptr_age_h`` = hours from each record to the last input record
-        (r-1); ``query_gap_h`` = hours from r-1 to the target. Only records before the target are read."""
-        c, P = self.cols, self.pointer
-        j = r[:, None] - P + np.arange(P)[None, :]
-        mask = j >= first[:, None]
-        f = self._features(np.where(mask, j, r[:, None] - 1))
-        t = c["t_min"]
-        last_t = t[r - 1].astype(np.float64)
-        age = (last_t[:, None] - t[np.where(mask, j, r[:, None] - 1)]) / 60.0
-        z = {"xy": 0.0, "weekday": 0, "hour": 0, "loc": -1}
-        out = {}
-        for k, fill in z.items():
-            m = mask[..., None] if f[k].ndim == 3 else mask
-            out[f"ptr_{k}"] = np.where(m, f[k], np.array(fill, dtype=f[k].dtype))
-        out["ptr_age_h"] = np.where(mask, age, 0.0).astype(np.float32)
-        out["query_weekday"] = c["weekday"][r].astype(np.int64)
-        out["query_hour"] = c["hour"][r].astype(np.int64)
-        out["query_gap_h"] = ((t[r] - last_t) / 60.0).astype(np.float32)
-        return out
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         return {k: v[0] for k, v in self.get_batch([i]).items()}

@@ -93,12 +93,12 @@ def _location_table(loc: np.ndarray, ids: np.ndarray, cols: dict, info: dict) ->
     }
 
 
-def _durations(
+def user_durations(
     user: np.ndarray, t: np.ndarray, given: np.ndarray | None, cap: float
 ) -> tuple[np.ndarray, str]:
     """Stay length per sorted record [N] float32 minutes, capped at `cap`."""
-    last = np.r_[user[1:] != user[:-1], True]
-    gap = np.r_[np.diff(t), 0].astype(np.float64)
+    last = np.append(user[1:] != user[:-1], True)
+    gap = np.append(np.diff(t), 0).astype(np.float64)
     gap = np.minimum(np.where(last, np.nan, gap), cap)
     if given is not None:
         dur = np.where(np.isfinite(given), np.minimum(given, cap), gap)
@@ -119,7 +119,7 @@ def _durations(
 def _user_median(user: np.ndarray, values: np.ndarray) -> np.ndarray:
     """[U] median of finite values per user code (NaN when none); user sorted ascending."""
     out = np.full(int(user.max()) + 1, np.nan)
-    bounds = np.flatnonzero(np.r_[True, user[1:] != user[:-1], True])
+    bounds = np.flatnonzero(np.concatenate(([True], user[1:] != user[:-1], [True])))
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         v = values[a:b]
         v = v[np.isfinite(v)]
@@ -165,7 +165,7 @@ def build(
     starts = np.flatnonzero(np.r_[True, ucode[1:] != ucode[:-1]])
     n_user = np.diff(np.r_[starts, len(ucode)])
     pos = np.arange(len(ucode)) - np.repeat(starts, n_user)
-    dur, info["duration"] = _durations(ucode, cols["t_min"], cols["dur_min"], duration_cap_min)
+    dur, info["duration"] = user_durations(ucode, cols["t_min"], cols["dur_min"], duration_cap_min)
     if cols["split"] is not None:
         split = cols["split"].astype(np.int8)
         info["split_method"] = (

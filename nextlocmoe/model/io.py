@@ -49,6 +49,24 @@ def load_run_config(run_dir: str | Path) -> Config:
     return config_from_dict(yaml.safe_load(path.read_text()))
 
 
+def resolve_data_dir(run_dir: str | Path, data_dir: str) -> Path:
+    """The run's training data folder (``data.dir`` as saved): an absolute one as it is; a relative one as
+    given (the working directory it was trained from), else relative to the run folder or one of its
+    parents; else the run's sibling of the same name (a moved ``demo-out/``). RunError naming the tries when
+    none holds a ``manifest.json`` (pass the data folder explicitly: ``--data``)."""
+    p, run = Path(data_dir), Path(run_dir).resolve()
+    if p.is_absolute():
+        tries = [p, run.parent / p.name]
+    else:
+        tries = [p, run / p, *(a / p for a in run.parents), run.parent / p.name]
+    for t in tries:
+        if (t / "manifest.json").is_file():
+            return t
+    shown = [str(t) for t in tries[:2]] + ["...", str(tries[-1])]
+    raise RunError(f"{run_dir}: training data folder data.dir={data_dir!r} not found (tried {shown}); "
+                   "pass the prepared data folder with --data")  # fmt: skip
+
+
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoint folders (step<N>/ with a COMPLETE marker) under run_dir/checkpoints, newest
     first; RunError when there is none."""
@@ -193,6 +211,8 @@ def load_run(
     if normalise not in ("target", "source"):
         raise ValueError(f"normalise must be 'target' or 'source', not {normalise!r}")
     cfg = load_run_config(run_dir)
+    if data_dir is None or normalise == "source":
+        cfg.data.dir = str(resolve_data_dir(run_dir, cfg.data.dir))
     state = None
     if ckpt is None:  # read first: an unreadable checkpoint fails before the model is built
         ckpt, state = readable_checkpoint(run_dir)

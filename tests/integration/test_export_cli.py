@@ -84,6 +84,9 @@ def test_export_and_bench_debug_run(tmp_path: Path) -> None:
     ran = {r["backend"] for r in bench["rows"]}
     assert ran | {s["backend"] for s in bench["skipped"]} == {"torch", "onnxruntime", "tensorrt"}
     assert (tmp_path / "b.png").stat().st_size > 1000
+    e2e = {(r["backend"], r["path"], r["batch"]) for r in bench["e2e_rows"]}  # raw request -> venue ids
+    assert {("onnxruntime", p, b) for p in ("state", "raw") for b in (1, 4)} <= e2e
+    assert bench["e2e_vs_graph_batch1"]["onnxruntime"]["interleaved"] > 0
 
 
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
