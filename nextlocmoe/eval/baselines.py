@@ -40,7 +40,7 @@ RECENCY_DECAY = 0.98
 CHUNK_ELEMS = 2_000_000
 
 
-def _ranges(starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def flat_ranges(starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate [starts_i, starts_i + lens_i) -> (flat indices [T], owner row [T])."""
     lens = np.maximum(lens, 0)
     owner = np.repeat(np.arange(len(starts)), lens)
@@ -66,9 +66,9 @@ class BaselineModel:
         first = r - rec["pos"][r]
         lo = np.searchsorted(self.train_idx, first)
         hi = np.searchsorted(self.train_idx, r)
-        idx_t, own_t = _ranges(lo, hi - lo)
+        idx_t, own_t = flat_ranges(lo, hi - lo)
         w0 = np.maximum(first, r - self.window)
-        idx_w, own_w = _ranges(w0, r - w0)
+        idx_w, own_w = flat_ranges(w0, r - w0)
         not_train = rec["split"][idx_w] != 0  # train-split window records are already in the prefix
         locs = np.r_[rec["loc"][self.train_idx[idx_t]], rec["loc"][idx_w[not_train]]].astype(np.int64)
         owner = np.r_[own_t, own_w[not_train]]
@@ -82,7 +82,7 @@ class BaselineModel:
         rec, n_loc = self.rec, self.n_loc
         loc = rec["loc"].astype(np.int64)
         first = r - rec["pos"][r]
-        idx, own = _ranges(first, r - first)
+        idx, own = flat_ranges(first, r - first)
         flat = own * n_loc + loc[idx]
         size = len(r) * n_loc
         counts = np.bincount(flat, minlength=size)
@@ -171,6 +171,13 @@ def baseline_report(
     on the split's samples (`eval_subset` when `max_samples` > 0, the same ones a model evaluation uses)."""
     t0 = time.perf_counter()
     res, ref = evaluate_baselines(data_dir, split, progress, max_samples)
+    report = baseline_metrics(res, ref, data_dir, split)
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
+def baseline_metrics(res: dict, ref: dict, data_dir: str | Path, split: str) -> dict:
+    """The report of ``baseline_report`` from ``evaluate_baselines``' per-sample ranks and top-1 ids."""
     manifest = load_manifest(data_dir)
     report: dict = {
         "split": split,
@@ -180,6 +187,7 @@ def baseline_report(
         "locations": int(manifest["locations"]),
         "baselines": {},
     }
+    units = "none"
     for name in BASELINES:
         dist, units = distance_errors(data_dir, res[name]["top1"], ref["target"])
         m = ranking_metrics(res[name]["ranks"], dist if units == "metres" else None)
@@ -192,5 +200,4 @@ def baseline_report(
         "none": "no coordinates in this data set: mean_distance_m is null",
     }[units]
     report["ties"] = "equal scores ranked by lower location id"
-    report["seconds"] = time.perf_counter() - t0
     return report

@@ -22,9 +22,10 @@ from nextlocmoe.data.store import (
     load_manifest,
     load_stats,
 )
-from nextlocmoe.eval.baselines import baseline_report, distance_errors
+from nextlocmoe.eval.baselines import baseline_metrics, distance_errors, evaluate_baselines
 from nextlocmoe.eval.metrics import ranking_metrics
 from nextlocmoe.eval.ranking import rank_by_point
+from nextlocmoe.eval.slices import sample_slices, slice_report
 from nextlocmoe.geo import haversine_m, mercator_to_latlon
 from nextlocmoe.tokens.evaluation import codes_metrics, codes_predictions, task_batch
 
@@ -83,9 +84,11 @@ def predict_split(
 
 
 def _point_metrics(res: dict, data_dir: str | Path, stats: dict | None = None) -> dict:
+    """Metrics of the point ranking; its per-sample ranks are added to ``res`` as ``point_rank``."""
     stats, locs = stats or load_stats(data_dir), load_locations(data_dir)
     pred_m = denormalise_xy(res["pred_xy"], stats)
     ranks, _ = rank_by_point(pred_m, locs["xy"], res["target_loc"])
+    res["point_rank"] = ranks
     t = res["target_loc"]
     if load_manifest(data_dir).get("coordinate_units", "degrees") == "normalised":  # not metres
         m = ranking_metrics(ranks, None)
@@ -162,10 +165,15 @@ def report_from_predictions(
             report["baselines"] = recovery_baselines(data_dir, split, max_samples)
         return report
     if with_baselines:
-        base = baseline_report(data_dir, split, progress=False, max_samples=max_samples)
-        if base["n"] != report["n"]:
-            raise RuntimeError(f"baselines saw {base['n']} samples, the model {report['n']}")
-        report["baselines"] = base["baselines"]
+        res_b, ref = evaluate_baselines(data_dir, split, progress=False, max_samples=max_samples)
+        if not np.array_equal(ref["target"], res["target_loc"]):
+            raise RuntimeError(
+                f"baselines saw other samples ({len(ref['target'])}) than the model ({report['n']})"
+            )
+        report["baselines"] = baseline_metrics(res_b, ref, data_dir, split)["baselines"]
+        model_ranks = {k.removesuffix("_rank"): v for k, v in res.items() if k.endswith("_rank")}
+        base_ranks = {name: r["ranks"] for name, r in res_b.items()}
+        report["slices"] = slice_report(sample_slices(data_dir, split, max_samples), model_ranks, base_ranks)
     return report
 
 

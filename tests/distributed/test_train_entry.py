@@ -228,7 +228,8 @@ def test_ep2_checkpoint_reloads_on_one_device(reference: Path, tmp_path: Path) -
                             cfg.train.max_eval_samples)  # fmt: skip
     written = json.loads((reference / "eval.json").read_text())
     assert written["n"] == EVAL_SAMPLES
-    assert json.loads(json.dumps(report)) == written
+    provenance = ("run", "ranks", "device", "precision")  # where the in-job (sharded) evaluation ran
+    assert json.loads(json.dumps(report)) == {k: v for k, v in written.items() if k not in provenance}
     pred, aux = _predict(model, cfg.data.dir)
     # (b) the same predictions as the ep_size=2 engine on 2 ranks (engine.load_checkpoint), and
     # (c) as an ep_size=1 engine on one rank built with train.init_from=<the ep_size=2 run>
