@@ -9,6 +9,10 @@
   backing off to the city's (train-split) transitions, then to online user frequency, then popularity.
 - ``recency_frequency``: sum over the user's records before the target of ``RECENCY_DECAY ** age`` (age in
   records, 0 = the last input record), ties by online frequency, then popularity.
+- Exploration baselines (issue 23: for targets the user has never visited), both ranking the places the
+  user has not visited before the target (any split) above the visited ones:
+  ``explore_nearby``: by a gravity score log(1 + train-split visits) - 2 log(1 + km from the current place);
+  ``explore_markov``: by the city's train-split transitions from the current place, then gravity.
 
 All rank every known location with exact ranks (ties by lower location id, see ranking.py) and share
 `ranking_metrics`. User counts never include the target or anything after it; the train-split tables
@@ -32,7 +36,7 @@ from nextlocmoe.geo import haversine_m
 
 BASELINES = (
     "markov", "user_frequency", "global_popularity",
-    "online_user_frequency", "user_markov", "recency_frequency",
+    "online_user_frequency", "user_markov", "recency_frequency", "explore_nearby", "explore_markov",
 )  # fmt: skip
 # Per-record decay of recency_frequency: the best of {0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995} by valid-split
 # Hit@1 on fsq-nyc (.2271) and llmmob-fsq-nyc (.2369) (docs/MODEL_QUALITY.md), fixed for every data set.
@@ -51,8 +55,11 @@ def flat_ranges(starts: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.nd
 class BaselineModel:
     """Counts fitted on the TRAIN split of a prepared store, scored for target record indices."""
 
-    def __init__(self, rec: dict[str, np.ndarray], n_loc: int, window: int):
+    def __init__(self, rec: dict[str, np.ndarray], n_loc: int, window: int, xy_m: np.ndarray | None = None):
+        """``xy_m`` [L, 2] location coordinates in metres (NaN / None: no distances, gravity = popularity)."""
         self.rec, self.n_loc, self.window = rec, n_loc, window
+        xy = np.zeros((n_loc, 2)) if xy_m is None else np.nan_to_num(np.asarray(xy_m, dtype=np.float64))
+        self.xy_km = xy / 1000.0
         loc, user, train = rec["loc"].astype(np.int64), rec["user"], rec["split"] == 0
         self.train_idx = np.flatnonzero(train)
         self.popularity = np.bincount(loc[train], minlength=n_loc).astype(np.float64)
@@ -98,6 +105,9 @@ class BaselineModel:
         user = self.user_counts(r)
         pop = np.broadcast_to(self.popularity, user.shape)
         online, recency, user_trans = self.online_counts(r)
+        unvisited = (online == 0).astype(np.float64)
+        d_km = np.linalg.norm(self.xy_km[self.rec["loc"][r - 1]][:, None, :] - self.xy_km[None], axis=-1)
+        gravity = np.log1p(pop) - 2.0 * np.log1p(d_km)
         return {
             "markov": [markov, user, pop],
             "user_frequency": [user, pop],
@@ -105,6 +115,8 @@ class BaselineModel:
             "online_user_frequency": [online, pop],
             "user_markov": [user_trans, markov, online, pop],
             "recency_frequency": [recency, online, pop],
+            "explore_nearby": [unvisited, gravity],
+            "explore_markov": [unvisited, markov, gravity],
         }
 
 
@@ -129,7 +141,8 @@ def evaluate_baselines(
     samples = samples[eval_subset(len(samples), max_samples)]
     rec = _load_records(data_dir)
     n_loc = int(manifest["locations"])
-    model = BaselineModel(rec, n_loc, int(manifest["history"]) + int(manifest["current"]))
+    xy = load_locations(data_dir)["xy"] if manifest.get("has_coordinates", False) else None
+    model = BaselineModel(rec, n_loc, int(manifest["history"]) + int(manifest["current"]), xy)
     target = rec["loc"][samples].astype(np.int64)
     out = {
         b: {"ranks": np.empty(len(samples), np.int64), "top1": np.empty(len(samples), np.int64)}

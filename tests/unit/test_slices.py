@@ -36,3 +36,23 @@ def test_slice_report_counts_and_metrics(prepared_fsq: Path) -> None:
     # a place the user never visited cannot be ranked first by the user's own visit counts
     if rep["novel"]["n"]:
         assert rep["novel"]["baselines"]["online_user_frequency"]["hit@1"] == 0.0
+
+
+def test_exploration_baselines_rank_unvisited_places_first(prepared_fsq: Path) -> None:
+    """explore_nearby / explore_markov put every place the user has not visited before the target above
+    every visited one (so on novel targets they compete, on repeat targets they cannot score)."""
+    from nextlocmoe.data.layout import RECORD_COLUMNS, load_locations
+    from nextlocmoe.eval.baselines import BaselineModel, flat_ranges
+
+    rec = {n: np.load(prepared_fsq / "records" / f"{n}.npy") for n in RECORD_COLUMNS}
+    L = len(load_locations(prepared_fsq)["id"])
+    model = BaselineModel(rec, L, 9, load_locations(prepared_fsq)["xy"])
+    r = np.load(prepared_fsq / "samples_test.npy")
+    keys = model.keys(r)
+    first = r - rec["pos"][r]
+    idx, own = flat_ranges(first, r - first)
+    for i in range(len(r)):
+        visited = set(rec["loc"][idx[own == i]].tolist())
+        for name in ("explore_nearby", "explore_markov"):
+            top = np.lexsort([-k[i] for k in reversed(keys[name])])[: L - len(visited)]
+            assert not visited & set(top.tolist()), (name, i)
