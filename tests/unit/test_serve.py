@@ -26,7 +26,8 @@ def _store(root: Path) -> Path:
     return d
 
 
-def test_run_data_dir_found_from_any_working_directory_and_after_a_move(tmp_path: Path) -> None:
+def test_run_data_dir_found_from_any_working_directory_and_after_a_move(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a demo-out/ in the real working directory would be found first
     data = _store(tmp_path / "a")
     assert resolve_data_dir(tmp_path / "a" / "demo-out" / "run", "demo-out/data") == data  # via a parent
     (tmp_path / "a").rename(tmp_path / "moved")
