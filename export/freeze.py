@@ -113,10 +113,10 @@ class SharedBaseExperts(nn.Module):
         a_2TKEr = a_T2Er.view(T, 1, 2, Er).permute(2, 0, 1, 3) * mask_TKEr.unsqueeze(0)
         d_2TKF = (a_2TKEr.reshape(2, T * K, Er) @ self.b_gu_2ErF).view(2, T, K, Fd)
         h_TKF = self.act(g_TF.unsqueeze(1) + d_2TKF[0]) * (u_TF.unsqueeze(1) + d_2TKF[1])
-        w_TK1 = w_TK.to(x_TD.dtype).unsqueeze(-1)
-        y_TD = F.linear((h_TKF * w_TK1).sum(1), self.w_d_DF)
-        z_TKEr = F.linear(h_TKF, self.a_d_ErF) * (mask_TKEr * w_TK1)
-        return y_TD + z_TKEr.sum(1) @ self.b_d_ErD
+        w_TK1 = w_TK.float().unsqueeze(-1)  # combine weights and the sum over experts in fp32 (precision.py)
+        y_TD = F.linear((h_TKF.float() * w_TK1).sum(1).to(x_TD.dtype), self.w_d_DF).float()
+        z_TKEr = F.linear(h_TKF, self.a_d_ErF).float() * (mask_TKEr.float() * w_TK1)
+        return (y_TD + z_TKEr.sum(1) @ self.b_d_ErD.float()).to(x_TD.dtype)
 
 
 class FoldedExperts(nn.Module):
@@ -142,10 +142,10 @@ class FoldedExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         """x_TD, ids_TK (-1 = empty slot), w_TK -> y_TD."""
         T, E = x_TD.shape[0], self.num_experts
-        c_TE = (_slot_mask_TKE(ids_TK, E, x_TD.dtype) * w_TK.to(x_TD.dtype).unsqueeze(-1)).sum(1)
+        c_TE = (_slot_mask_TKE(ids_TK, E, torch.float32) * w_TK.float().unsqueeze(-1)).sum(1)  # fp32
         gu_TE2F = F.linear(x_TD, self.w_gu_XD).view(T, E, 2, -1)
-        h_TEF = self.act(gu_TE2F[:, :, 0]) * gu_TE2F[:, :, 1] * c_TE.unsqueeze(-1)
-        return h_TEF.reshape(T, -1) @ self.w_d_XD
+        h_TEF = (self.act(gu_TE2F[:, :, 0]) * gu_TE2F[:, :, 1]).float() * c_TE.unsqueeze(-1)
+        return (h_TEF.reshape(T, -1) @ self.w_d_XD.float()).to(x_TD.dtype)  # sum over experts in fp32
 
 
 class FrozenPersonalMoE(nn.Module):

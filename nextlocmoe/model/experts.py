@@ -13,6 +13,9 @@ W_d once, plus each pair's low-rank down delta. Three implementations of the sam
 - ``grouped``: shared base + per-expert low-rank matmuls on pairs sorted by expert (training path).
 - ``static``:  shared base + one-hot-masked stacked low-rank matmuls, no data-dependent shapes (export).
 
+Precision (issue 18, model/precision.py): the combine weights and the weighted sum over experts are fp32 in
+every implementation (under bf16 parameters too); the result is cast to the activation dtype once.
+
 Shape legend: T tokens, K slots, P used (token, slot) pairs, E experts, D model width, F FFN width, r rank.
 """
 
@@ -113,7 +116,7 @@ class PersonaExperts(nn.Module):
         used = torch.nonzero(flat_e >= 0, as_tuple=True)[0]
         e_P, order = torch.sort(flat_e[used], stable=True)
         p_idx = used[order]
-        t_P, w_P = p_idx // K, w_TK.reshape(-1)[p_idx].to(x_TD.dtype)
+        t_P, w_P = p_idx // K, w_TK.reshape(-1)[p_idx].float()  # combine weights: fp32
         counts = torch.bincount(e_P, minlength=self.num_experts).tolist()  # host sync: training path only
         xd_TD = self.drop(x_TD)
         a_T2Er = xd_TD @ torch.cat([self.stacked("gate_A"), self.stacked("up_A")], 1).flatten(0, 1).t()
@@ -128,14 +131,17 @@ class PersonaExperts(nn.Module):
         g_PF = base.gate_proj(x_TD).index_select(0, t_P) + s * torch.cat(dg)
         u_PF = base.up_proj(x_TD).index_select(0, t_P) + s * torch.cat(du)
         h_PF = base.act_fn(g_PF) * u_PF
-        hw_TF = torch.zeros(T, h_PF.shape[1], dtype=h_PF.dtype, device=h_PF.device)
-        y_TD = base.down_proj(hw_TF.index_add(0, t_P, h_PF * w_P.unsqueeze(-1)))
+        hw_TF = torch.zeros(T, h_PF.shape[1], dtype=torch.float32, device=h_PF.device)
+        hw_TF = hw_TF.index_add(0, t_P, h_PF.float() * w_P.unsqueeze(-1))  # sum over experts in fp32
+        y_TD = base.down_proj(hw_TF.to(x_TD.dtype)).float()
         hd_PF, zs = self.drop(h_PF), []
         for ex, h_chunk, w_chunk in zip(
             self.lora, torch.split(hd_PF, counts), torch.split(w_P, counts), strict=True
         ):
-            zs.append(((h_chunk @ ex.down_A.t()) * (s * w_chunk).unsqueeze(-1)) @ ex.down_B.t())
-        return y_TD.index_add(0, t_P, torch.cat(zs))
+            zs.append(
+                ((h_chunk @ ex.down_A.t()).float() * (s * w_chunk).unsqueeze(-1)) @ ex.down_B.t().float()
+            )
+        return y_TD.index_add(0, t_P, torch.cat(zs)).to(x_TD.dtype)  # cast once
 
     # -- shared base, static shapes (export) ------------------------------------------------------------
     def forward_static(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
@@ -157,11 +163,12 @@ class PersonaExperts(nn.Module):
         g_TKF = base.gate_proj(x_TD).unsqueeze(1) + s * delta("gate_A", "gate_B")
         u_TKF = base.up_proj(x_TD).unsqueeze(1) + s * delta("up_A", "up_B")
         h_TKF = base.act_fn(g_TKF) * u_TKF
-        w_TK1 = (w_TK.to(x_TD.dtype) * valid_TK).unsqueeze(-1)  # empty slots: no output, no gradient
-        y_TD = base.down_proj((h_TKF * w_TK1).sum(1))
+        w_TK1 = (w_TK.float() * valid_TK.float()).unsqueeze(-1)  # fp32; empty slots: no output, no gradient
+        y_TD = base.down_proj((h_TKF.float() * w_TK1).sum(1).to(x_TD.dtype)).float()
         z_TKEr = (self.drop(h_TKF) @ self.stacked("down_A").flatten(0, 1).t()).view(T, K, E, r)
-        z_TEr = (z_TKEr * (mask_TKE * w_TK1 * s).unsqueeze(-1)).sum(1).flatten(1)
-        return y_TD + z_TEr @ self.stacked("down_B").transpose(1, 2).flatten(0, 1)
+        z_TEr = (z_TKEr.float() * (mask_TKE.float() * w_TK1 * s).unsqueeze(-1)).sum(1).flatten(1)
+        z_TD = z_TEr @ self.stacked("down_B").transpose(1, 2).flatten(0, 1).float()
+        return (y_TD + z_TD).to(x_TD.dtype)  # cast once
 
     def forward(
         self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, mode: str = "grouped"

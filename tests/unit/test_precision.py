@@ -70,3 +70,30 @@ def test_bf16_forward_tracks_fp32(debug_cfg: Config) -> None:
     assert (p16.xy - p32.xy).abs().max() < 0.05
     top16, top32 = p16.scores.topk(5).indices, p32.scores.topk(5).indices
     assert (top16[:, 0] == top32[:, 0]).float().mean() >= 0.75
+
+
+@pytest.mark.parametrize("mode", ["grouped", "static"])
+def test_combine_weights_and_the_sum_over_experts_are_fp32(mode: str) -> None:
+    """Issue 18 item 4: under bf16 the combine weights were cast to bf16 before weighting. With an fp32
+    combine, weights that differ below bf16's resolution still change the (bf16) output; with a bf16
+    combine they could not (w and bf16(w) would give identical outputs)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from nextlocmoe.model.experts import PersonaExperts
+
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=128))
+    ex = PersonaExperts(mlp, r=4, alpha=4, dropout=0.0, expert_ids=list(range(4)), seed=0).eval()
+    for p in ex.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    cast_params_like_deepspeed(ex, torch.bfloat16)
+    x = torch.randn(256, 64).bfloat16()
+    ids = torch.stack([torch.randperm(4)[:3] for _ in range(256)])
+    w = torch.rand(256, 3) * 0.5 + 0.25
+    w_rounded = w.bfloat16().float()
+    assert not torch.equal(w, w_rounded)
+    with torch.no_grad():
+        y, y_rounded = ex(x, ids, w, mode=mode), ex(x, ids, w_rounded, mode=mode)
+    assert y.dtype == torch.bfloat16
+    assert (y != y_rounded).float().mean() > 0.05  # the fp32 weights reach the output
