@@ -209,8 +209,11 @@ def resume_step(engine, run_dir: Path, d: Dist) -> int:
     step = agree_resume_step(run_dir, d, engine.device)
     if step == 0:
         return 0
+    from train.safe_checkpoint import safe_loads
+
     root = run_dir / "checkpoints"
-    _, client = engine.load_checkpoint(str(root), tag=f"step{step}", load_module_strict=False)
+    with safe_loads(engine):  # weights_only reads: no pickled code runs (train/safe_checkpoint.py)
+        _, client = engine.load_checkpoint(str(root), tag=f"step{step}", load_module_strict=False)
     return int(client["step"])
 
 

@@ -81,3 +81,29 @@ def test_ranks_draw_different_dropout_masks_from_the_same_weights(nyc: Path, tmp
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["digest"] == r1["digest"]  # same initial weights (router tie-breaks need no RNG)
     assert r0["draws"] != r1["draws"]  # dropout masks differ between ranks
+
+
+@pytest.mark.parametrize(
+    "victim", ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt"]
+)
+def test_a_poisoned_checkpoint_is_refused_on_resume(nyc: Path, tmp_path: Path, victim: str) -> None:
+    """Issue 21: DeepSpeed unpickles --resume files with weights_only=False; a __reduce__ payload in a copy
+    of a run's optimizer (or model) file ran on rank 0. Now: exit non-zero, one line naming the file, the
+    payload's marker never created."""
+    import torch
+
+    from tests.unit.test_checkpoint_payload import Payload
+
+    p, _ = torchrun("train/train.py", *train_args(nyc, tmp_path, "train.steps=3"))
+    assert p.returncode == 0, (p.stdout + p.stderr)[-2000:]
+    f = tmp_path / "f" / "checkpoints" / "step3" / victim
+    marker = tmp_path / "PWNED"
+    state = torch.load(f, map_location="cpu", weights_only=False)  # our own file, written just now
+    state["extra"] = Payload(marker)
+    torch.save(state, f)
+    p, wall = torchrun("train/train.py", "--resume", *train_args(nyc, tmp_path, "train.steps=6"))
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and wall < 60, out[-2000:]
+    assert not marker.exists(), "the pickled payload ran"
+    lines = [ln for ln in out.splitlines() if ln.startswith("train: error:")]
+    assert lines and f"{f} refused" in lines[0] and "builtins.exec" in lines[0], out[-2000:]
