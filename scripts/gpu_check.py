@@ -253,7 +253,8 @@ def run_all(c: Check) -> None:
     steps = 3 if a.dry_run else a.steps
     for mode in ("expert", "replicated"):
         run_dir = c.work / "runs" / mode
-        c.step(f"train_{mode}", c.train_cmd(mode, steps, "--no-eval"), 900, lambda r=run_dir: last_metrics(r))
+        cmd = c.train_cmd(mode, steps, "--no-eval", "--overwrite")  # a rerun replaces the last check's
+        c.step(f"train_{mode}", cmd, 900, lambda r=run_dir: last_metrics(r))
     rep = c.work / "runs" / "replicated"
     if (rep / "metrics.jsonl").is_file():
         resume = c.train_cmd("replicated", steps + max(1, steps // 2), "--resume")

@@ -347,16 +347,27 @@ def seq_tokens(model, batch: dict[str, torch.Tensor]) -> int:
     return int(model.prompt_ids.numel() + batch["hist_mask"].shape[1] + batch["cur_xy"].shape[1])
 
 
-def train_run(cfg: Config, ds_json: str, d: Dist, resume: bool = False) -> Path:
-    """The whole job; returns the run folder."""
+def train_run(cfg: Config, ds_json: str, d: Dist, resume: bool = False, overwrite: bool = False) -> Path:
+    """The whole job; returns the run folder. Rank 0 holds the run folder's lock until the process ends
+    (train/rundir.py); config.yaml is written once the model is built and any resumed checkpoint loaded."""
     from tqdm import tqdm
 
+    from train.rundir import RunLock, check_resume_config, check_run_name, claim_run_dir
+
+    check_run_name(cfg.train.name)
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     if d.is_main:
+        RunLock(run_dir)  # held (fd open) until the process exits, however it exits
+        if resume:
+            check_resume_config(run_dir, cfg)
+        aside = claim_run_dir(run_dir, resume, overwrite)
+        if aside is not None:
+            print(f"train: --overwrite: the previous run was moved to {aside}", flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     engine, info = build_engine(cfg, ds_json, d)
     start = resume_step(engine, run_dir, d) if resume else 0
+    if d.is_main:
+        save_config(cfg, run_dir / "config.yaml")
     xy_std = info.xy_std_m
     train_ds = TrajectoryDataset(cfg.data.dir, "train", pointer=cfg.model.pointer_window)
     batches = StepBatches(train_ds, cfg.data.batch_size, d, cfg.train.seed)

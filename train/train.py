@@ -25,6 +25,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deepspeed", required=True, help="DeepSpeed strategy JSON (ds_configs/*.json)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation (eval.json)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="start afresh in a run folder holding a run (moved aside)"
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     return p.parse_intermixed_args(argv)  # flags may follow the key=value overrides
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         d = init_process_group(cfg)
         from train.loop import train_run
 
-        run_dir = train_run(cfg, args.deepspeed, d, resume=args.resume)
+        run_dir = train_run(cfg, args.deepspeed, d, resume=args.resume, overwrite=args.overwrite)
     except BaseException as e:  # noqa: BLE001 - SystemExit / KeyboardInterrupt too
         fail_fast(e, startup=True)
     try:
