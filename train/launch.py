@@ -33,6 +33,23 @@ from train.loop import Dist, StepFailure
 EXPECTED = (ValueError, FileNotFoundError)  # at start-up: config / strategy / data errors, one line, exit 2
 
 
+def die_with_launcher() -> None:
+    """Linux: SIGKILL this rank when its parent (torchrun's agent, the deepspeed launcher, srun's step
+    daemon) dies, so that a launcher killed with SIGKILL leaves no rank training on as an orphan (torchrun's
+    ranks run in their own sessions: FACTS.md). No-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return  # not permitted here: best effort
+    if os.getppid() == 1:  # the parent died before the call: nobody would deliver the signal
+        os._exit(1)
+
+
 def _slurm_env() -> None:
     """Map SLURM's variables to torch.distributed's when launched by srun without torchrun."""
     if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:

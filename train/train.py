@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DSConfigError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
-    from train.launch import fail_fast, final_eval, init_process_group, shutdown
+    from train.launch import die_with_launcher, fail_fast, final_eval, init_process_group, shutdown
+
+    die_with_launcher()
 
     # Any exception on any rank: traceback + one line, exit now, never a barrier (train/launch.py).
     try:

@@ -107,3 +107,67 @@ def test_a_poisoned_checkpoint_is_refused_on_resume(nyc: Path, tmp_path: Path, v
     assert not marker.exists(), "the pickled payload ran"
     lines = [ln for ln in out.splitlines() if ln.startswith("train: error:")]
     assert lines and f"{f} refused" in lines[0] and "builtins.exec" in lines[0], out[-2000:]
+
+
+def test_two_trainings_into_one_run_and_unsafe_restarts_are_refused(nyc: Path, tmp_path: Path) -> None:
+    """Issue 21: two trainings 4 s apart into one run folder both finished rc 0 with mixed files; a fresh
+    start into an existing run silently kept the old steps; --resume with another num_experts crashed with
+    per-rank tracebacks after rewriting config.yaml."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train/train.py",
+        *train_args(nyc, tmp_path, "train.steps=400", "train.ckpt_every=400"),
+    ]
+    first = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)  # fmt: skip
+    try:
+        lock = tmp_path / ".f.lock"
+        deadline = time.monotonic() + 60
+        while not (lock.is_file() and lock.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        holder = json.loads(lock.read_text())
+        p, wall = torchrun("train/train.py", *train_args(nyc, tmp_path, "train.steps=400"))
+        out = p.stdout + p.stderr
+        assert p.returncode != 0 and wall < 60, out[-2000:]
+        lines = [ln for ln in out.splitlines() if ln.startswith("train: error:")]
+        assert lines and "is in use by another training" in lines[0] and f'"pid": {holder["pid"]}' in lines[0]
+        assert first.poll() is None  # the first training is untouched
+    finally:
+        os.killpg(first.pid, 9)  # the launcher only: torchrun's ranks run in sessions of their own
+        first.wait()
+    deadline = time.monotonic() + 15  # the ranks die with their launcher (PR_SET_PDEATHSIG)
+    while _alive(holder["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(holder["pid"]), "rank 0 kept running as an orphan after its launcher was killed"
+    p, _ = torchrun("train/train.py", *train_args(nyc, tmp_path, "train.steps=3"), "--overwrite")
+    assert p.returncode == 0, (p.stdout + p.stderr)[-2000:]
+    assert len(list(tmp_path.glob("f.old-*"))) == 1  # the killed run moved aside, not mixed in
+    p, _ = torchrun("train/train.py", *train_args(nyc, tmp_path, "train.steps=3"))
+    assert p.returncode != 0 and "already holds a run" in p.stderr and "--overwrite" in p.stderr
+    before = (tmp_path / "f" / "config.yaml").read_text()
+    changed = (
+        "model.personal_moe.num_experts=2",
+        "model.personal_moe.k_max=2",
+        "train.ep_size=1",
+        "train.steps=6",
+    )
+    p, _ = torchrun("train/train.py", "--resume", *train_args(nyc, tmp_path, *changed))
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("train: error:")]
+    assert p.returncode != 0 and errors and "model.personal_moe.num_experts: 4 -> 2" in errors[0], p.stderr[
+        -2000:
+    ]
+    deep = [ln for ln in p.stderr.splitlines() if "train/loop.py" in ln or "site-packages/deepspeed" in ln]
+    assert not deep, deep  # one line, no per-rank traceback (torchrun's own summary is fine)
+    assert (tmp_path / "f" / "config.yaml").read_text() == before  # untouched
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
