@@ -171,3 +171,27 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_last_one(nyc: Path, tmp_path: Path) -> None:
+    """Issue 21: a full disk during a checkpoint gave rc 1 with C++ iostream tracebacks and no "no space
+    left on device". A real 7 MB tmpfs as train.out_dir: step 3's checkpoint (~4.4 MB) fits, step 6's does
+    not."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=7m", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        p, wall = torchrun("train/train.py", *train_args(nyc, mnt, "train.steps=6", "train.ckpt_every=3"))
+        out = p.stdout + p.stderr
+        assert p.returncode != 0 and wall < 60, out[-2000:]
+        lines = [ln for ln in out.splitlines() if ln.startswith("train: error:")]
+        assert lines and "No space left on device" in lines[0], out[-3000:]
+        assert f"{mnt / 'f' / 'checkpoints' / 'step6'} not saved" in lines[0]
+        assert "step3, remains the resume point" in lines[0]
+        assert (mnt / "f" / "checkpoints" / "step3" / "COMPLETE").is_file()
+        assert not (mnt / "f" / "checkpoints" / "step6" / "COMPLETE").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
