@@ -127,7 +127,8 @@ def test_two_trainings_into_one_run_and_unsafe_restarts_are_refused(nyc: Path, t
     try:
         lock = tmp_path / ".f.lock"
         deadline = time.monotonic() + 60
-        while not (lock.is_file() and lock.read_text().strip()) and time.monotonic() < deadline:
+        metrics = tmp_path / "f" / "metrics.jsonl"  # the first run is training (a step logged)
+        while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline:
             time.sleep(0.2)
         holder = json.loads(lock.read_text())
         p, wall = torchrun("train/train.py", *train_args(nyc, tmp_path, "train.steps=400"))
