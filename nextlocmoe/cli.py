@@ -61,6 +61,10 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
             help=f"{name} column" + (f" (default {default})" if default else ""),
         )
     g.add_argument("--timezone", default=None, help="IANA zone for weekday/hour of UTC timestamps")
+    g.add_argument(
+        "--force-coordinates", action="store_true",
+        help="keep coordinates that look swapped or projected (refused by default; docs/DATA.md)",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_prepare)
 
 
@@ -80,6 +84,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         order_col=args.order_col,
         duration_col=args.duration_col,
         timezone=args.timezone,
+        force_coordinates=args.force_coordinates,
     )
     t0 = time.perf_counter()
     m = prepare(

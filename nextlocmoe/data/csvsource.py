@@ -1,5 +1,6 @@
 """Generic check-in CSV reader (`prepare --dataset csv`): configurable column names, full timestamps
-(ISO-8601 or unix seconds) or weekday + hour (+ trajectory order) columns."""
+(ISO-8601 or unix time in s/ms/us/ns, detected) or weekday + hour (+ trajectory order) columns; plain,
+gzip/zstd/bzip2 CSV or Parquet (data/sanity.py: formats, units, coordinates, the hash of the bytes read)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,10 @@ from nextlocmoe.data.parsing import (
     parse_float,
     parse_id,
     parse_int,
-    parse_time_minutes,
     parse_weekday,
     read_csv_columns,
-    sha256_file,
 )
+from nextlocmoe.data.sanity import check_coordinates, parse_times
 from nextlocmoe.data.sources import RecordTable, _apply_reasons, first_drop_line, note_malformed, valid_latlon
 
 WEEK_MIN = 7 * 1440
@@ -41,6 +41,7 @@ class CsvSpec:
     order_col: str | None = None
     duration_col: str | None = None
     timezone: str | None = None
+    force_coordinates: bool = False  # keep coordinates that look swapped or projected (data/sanity.py)
 
     def columns(self) -> list[str]:
         """Every configured column (all must exist in the header)."""
@@ -58,16 +59,19 @@ class CsvSpec:
 def _csv_path(source: Path) -> Path:
     source = Path(source)
     if source.is_dir():
-        files = sorted(source.glob("*.csv"))
+        kinds = ("*.csv", "*.csv.gz", "*.csv.zst", "*.csv.bz2", "*.parquet", "*.pq")
+        files = sorted(f for k in kinds for f in source.glob(k))
         if len(files) != 1:
-            raise DataError(f"{source}: expected exactly one .csv file in the directory, found {len(files)}")
+            raise DataError(
+                f"{source}: expected exactly one data file ({', '.join(kinds)}), found {len(files)}"
+            )
         return files[0]
     if not source.is_file():
         raise DataError(f"{source}: file not found")
     return source
 
 
-def _parse_rows(spec: CsvSpec, raw: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list]:
+def _parse_rows(spec: CsvSpec, raw: dict[str, np.ndarray], path: Path) -> tuple[dict[str, np.ndarray], list]:
     """Parsed columns (user, venue, minutes or wd/hr, lat, lon, dur) and the drop reasons with the fields
     and raw values each checks (for the 'file:line: field=value' examples)."""
     v: dict[str, np.ndarray] = {}
@@ -76,7 +80,9 @@ def _parse_rows(spec: CsvSpec, raw: dict[str, np.ndarray]) -> tuple[dict[str, np
     ids = [(spec.user_col, ~ok_u, raw[spec.user_col]), (spec.venue_col, ~ok_v, raw[spec.venue_col])]
     reasons = [("missing_field", ~(ok_u & ok_v), ids)]
     if spec.time_col:
-        v["minutes"], ok_t = parse_time_minutes(raw[spec.time_col])
+        v["minutes"], ok_t, v["time_unit"] = parse_times(
+            raw[spec.time_col], f"{path}: column {spec.time_col}"
+        )
         t_detail = [(spec.time_col, ~ok_t, raw[spec.time_col])]
     else:
         v["wd"], ok_w = parse_weekday(raw[spec.weekday_col])
@@ -90,6 +96,8 @@ def _parse_rows(spec: CsvSpec, raw: dict[str, np.ndarray]) -> tuple[dict[str, np
     if spec.lat_col:
         v["lat"], _ = parse_float(raw[spec.lat_col])
         v["lon"], _ = parse_float(raw[spec.lon_col])
+        where = f"{path}: columns {spec.lat_col}/{spec.lon_col}"
+        check_coordinates(v["lat"], v["lon"], where, spec.force_coordinates)
         bad = ~valid_latlon(v["lat"], v["lon"])
         detail = [(spec.lat_col, bad, raw[spec.lat_col]), (spec.lon_col, bad, raw[spec.lon_col])]
         reasons.append(("bad_coordinate", bad, detail))
@@ -109,13 +117,14 @@ def read_csv_source(source: Path, spec: CsvSpec) -> RecordTable:
     examples: dict[str, list[str]] = {}
     first: dict[str, str] = {}
     note_malformed(c, dropped, examples, first)
-    v, reasons = _parse_rows(spec, raw)
+    v, reasons = _parse_rows(spec, raw, path)
     keep = _apply_reasons(reasons, dropped, len(v["user"]), examples, (f"{path.name}:", c.lines), first)
     if not keep.any():
         raise DataError(f"{path}: no usable rows of {c.n_rows}: {first_drop_line(dropped, first)}")
     user = v["user"][keep]
     if spec.time_col:
         t, weekday, hour, origin = _from_timestamps(v["minutes"][keep], spec.timezone)
+        origin = f"time column {spec.time_col!r} read as {v['time_unit']}; {origin}"
     else:
         order = raw[spec.order_col][keep] if spec.order_col else None
         wd, hr = v["wd"][keep], v["hr"][keep]
@@ -134,7 +143,7 @@ def read_csv_source(source: Path, spec: CsvSpec) -> RecordTable:
         dropped=dropped,
         drop_examples=examples,
         drop_first=first,
-        source_sha256={path.name: sha256_file(path)},
+        source_sha256={path.name: c.sha256},  # of the bytes read (compressed: of the decompressed bytes)
         time_origin=origin,
         dur_min=v["dur"][keep] if "dur" in v else None,
         category=raw[spec.category_col][keep] if spec.category_col else None,

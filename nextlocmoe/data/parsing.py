@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
 import re
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class CsvColumns:
     n_rows: int
     n_malformed: int
     malformed_lines: list[int] = field(default_factory=list)
+    sha256: str = ""  # of the bytes actually read (data/sanity.py)
 
 
 def sha256_file(path: Path) -> str:
@@ -80,15 +82,22 @@ def read_csv_columns(path: Path, required: list[str], optional: list[str] = ()) 
     quotes inside), spaces around header names. Raises DataError naming the file (and line) when the file
     cannot be read, is not UTF-8, or the header lacks a required column.
     """
+    from nextlocmoe.data import sanity
+
     path = Path(path)
+    if path.suffix.lower() in sanity.PARQUET:
+        return read_parquet_columns(path, required, optional)
     line_no = 0
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        before = sanity.file_state(path)
+        raw = sanity.HashingReader(sanity.open_binary(path))
+        with io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None:
                 raise DataError(f"{path}: empty file, expected a header line")
             header = [h.strip() for h in header]
+            _refuse_duplicates(path, header)
             missing = [c for c in required if c not in header]
             if missing:
                 raise DataError(f"{path}: line 1: header lacks required column(s) {missing}; has {header}")
@@ -109,6 +118,8 @@ def read_csv_columns(path: Path, required: list[str], optional: list[str] = ()) 
                     continue
                 rows.append([row[i] for i in idx])
                 lines.append(reader.line_num)
+            f.read()  # the rest (nothing, normally): the hash covers every byte
+        sanity.check_unchanged(path, before)
     except UnicodeDecodeError:
         raise DataError(
             f"{path}: {_first_bad_utf8_line(path)}: not UTF-8 text (re-save the file as UTF-8)"
@@ -123,7 +134,45 @@ def read_csv_columns(path: Path, required: list[str], optional: list[str] = ()) 
         )
     table = np.array(rows, dtype=str).reshape(len(rows), len(wanted))
     cols = {c: table[:, j] for j, c in enumerate(wanted)}
-    return CsvColumns(path, header, cols, np.asarray(lines, dtype=np.int64), n_rows, len(bad), bad[:20])
+    lines_a = np.asarray(lines, dtype=np.int64)
+    return CsvColumns(path, header, cols, lines_a, n_rows, len(bad), bad[:20], raw.sha.hexdigest())
+
+
+def _refuse_duplicates(path: Path, header: list[str]) -> None:
+    dup = sorted({h for h in header if header.count(h) > 1})
+    if dup:
+        where = {h: [i + 1 for i, x in enumerate(header) if x == h] for h in dup}
+        raise DataError(f"{path}: line 1: duplicate column name(s) {where} (name: column positions); "
+                        "rename them so that each column is read unambiguously")  # fmt: skip
+
+
+def read_parquet_columns(path: Path, required: list[str], optional: list[str] = ()) -> CsvColumns:
+    """The columns of a Parquet file as strings (pyarrow), with the CSV reader's accounting: "line" k+1 is
+    row k (the header is line 1); the hash is of the file's bytes, checked unchanged after the read."""
+    import pyarrow.parquet as pq
+
+    from nextlocmoe.data import sanity
+
+    before = sanity.file_state(path)
+    try:
+        schema = pq.read_schema(path)
+        header = list(schema.names)
+        _refuse_duplicates(path, header)
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise DataError(f"{path}: header lacks required column(s) {missing}; has {header}")
+        wanted = [c for c in list(required) + list(optional) if c in header]
+        table = pq.read_table(path, columns=wanted)
+    except (OSError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: cannot read Parquet ({str(e).splitlines()[0]})") from None
+    cols = {c: np.array([("" if v is None else str(v)) for v in table.column(c).to_pylist()], dtype=str)
+            for c in wanted}  # fmt: skip
+    n = table.num_rows
+    sha = sha256_file(path)
+    sanity.check_unchanged(path, before)
+    return CsvColumns(path, header, cols, np.arange(2, n + 2, dtype=np.int64), n, 0, [], sha)
 
 
 def load_npy(path: Path, ncols: int, kinds: str, what: str) -> np.ndarray:

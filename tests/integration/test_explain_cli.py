@@ -85,6 +85,8 @@ def test_zero_shot_candidates_are_target_locations_only(two_cities, tmp_path, mo
             "online_user_frequency",
             "user_markov",
             "recency_frequency",
+            "explore_nearby",
+            "explore_markov",
         }
         assert rep["baselines"]["markov"]["n"] == rep["n"] > 0
         # the scored top-1 is a target venue (a source-city venue would be ~8,000 km off); the point

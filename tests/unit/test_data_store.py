@@ -203,6 +203,8 @@ def test_cli_prepare_and_errors(tmp_path: Path, fsq_dir: Path, capsys: pytest.Ca
             "online_user_frequency",
             "user_markov",
             "recency_frequency",
+            "explore_nearby",
+            "explore_markov",
         }
         and rep["split"] == "test"
     )
