@@ -71,3 +71,11 @@ def test_resume_refuses_shape_changes_and_allows_the_rest(tmp_path: Path) -> Non
         check_resume_config(tmp_path, new)
     with pytest.raises(RunError, match=r"train.precision: 'fp32' -> 'bf16'"):
         check_resume_config(tmp_path, load_config(ROOT / "configs" / "debug.yaml", ["train.precision=bf16"]))
+
+
+def test_resume_takes_overrides_in_any_order() -> None:
+    """Before: `--resume` followed by key=value overrides gave "unrecognized arguments"."""
+    from train.train import parse
+
+    a = parse(["--config", "c", "--deepspeed", "d", "--resume", "train.steps=5", "--no-eval", "x.y=1"])
+    assert a.resume and a.no_eval and a.overrides == ["train.steps=5", "x.y=1"]
