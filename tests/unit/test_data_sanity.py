@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -112,25 +111,37 @@ def test_compressed_csv_and_parquet_prepare_the_same_store(tmp_path: Path, kind:
         assert b["source_sha256"]["c.csv." + kind] == a["source_sha256"]["c.csv"]
 
 
-def test_a_file_still_being_written_is_refused(tmp_path: Path) -> None:
-    """Before: rc 0, and the manifest's sha256 matched neither the rows read nor the final file."""
-    src = write_csv(tmp_path / "grow.csv", n_users=100, per_user=400)  # 40,000 rows: ~0.1 s to read
-    stop, started = threading.Event(), threading.Event()
+def test_a_file_still_being_written_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """Before: rc 0, and the manifest's sha256 matched neither the rows read nor the final file. A writer
+    thread appends while prepare reads; the reader's first chunk signals it, so the append is known to fall
+    inside the read (an unsynchronised writer could be starved of the GIL for the whole read: flaky)."""
+    from nextlocmoe.data import sanity
+
+    src = write_csv(tmp_path / "grow.csv", n_users=100, per_user=400)  # 40,000 rows: many read chunks
+    reading, appended = threading.Event(), threading.Event()
+    real = sanity.HashingReader.readinto
+
+    def readinto(self, b) -> int:
+        reading.set()
+        n = real(self, b)
+        if not appended.is_set():
+            appended.wait(10)  # the writer gets in after this first chunk
+        return n
 
     def append() -> None:
+        reading.wait(10)
         with open(src, "a") as f:
-            while not stop.is_set():
+            for _ in range(50):
                 f.write(f"u0,1,{T0 + 10**7},40.71,-74.0\n")
                 f.flush()
-                started.set()
-                time.sleep(0.0005)
+        appended.set()
 
+    monkeypatch.setattr(sanity.HashingReader, "readinto", readinto)
     th = threading.Thread(target=append)
     th.start()
-    started.wait(10)
     try:
         with pytest.raises(DataError, match="changed while it was read"):
             prep(src, tmp_path / "p")
     finally:
-        stop.set()
+        appended.set()
         th.join()
