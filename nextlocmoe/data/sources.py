@@ -209,10 +209,10 @@ def read_llmmob(source: Path, dataset: str) -> RecordTable:
     dropped: Counter = Counter()
     examples: dict[str, list[str]] = {}
     first: dict[str, str] = {}
-    input_rows = 0
+    input_rows, sha = 0, {}
     for path, code in zip(paths, SPLIT_CODES.values(), strict=True):
         c = read_csv_columns(path, required)
-        input_rows += c.n_rows
+        input_rows, sha[path.name] = input_rows + c.n_rows, c.sha256  # hash of the bytes read
         note_malformed(c, dropped, examples, first)
         part = _parse_llmmob_part(c.cols, dataset, dropped, examples, (f"{path.name}:", c.lines), first)
         part["split"] = np.full(len(part["t_min"]), code, dtype=np.int8)
@@ -234,7 +234,7 @@ def read_llmmob(source: Path, dataset: str) -> RecordTable:
         hour=cols["hour"],
         input_rows=input_rows,
         dropped=dropped,
-        source_sha256={p.name: sha256_file(p) for p in paths},
+        source_sha256=sha,
         drop_examples=examples,
         drop_first=first,
         time_origin=f"t_min = start_day * 1440 + start_min, minutes since {origin}; weekday from the file's "

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nextlocmoe.model.precision import linear32
+
 
 @dataclass
 class RoutingAux:
@@ -175,8 +177,8 @@ class MLPRouter(nn.Module):
         """ctx_TI [T, in_dim] (+ fixed prior logits prior_TE [T, E]) -> probs_TE [T, E], computed in fp32
         whatever the module's dtype."""
         with torch.autocast(device_type=ctx_TI.device.type, enabled=False):
-            h = F.gelu(_linear32(self.net[0], ctx_TI))
-            logits_TE = _linear32(self.net[2], h)
+            h = F.gelu(linear32(self.net[0], ctx_TI))
+            logits_TE = linear32(self.net[2], h)
             if prior_TE is not None:
                 logits_TE = logits_TE + prior_TE.float()
             return torch.softmax(logits_TE, dim=-1)
@@ -208,14 +210,8 @@ class HistoryAwareRouter(nn.Module):
         """x_TD [T, D] token states, ctx_TC [T, C] history vector per token -> probs_TE [T, E] fp32.
         Weights and inputs are used in fp32 even when the module was cast to bf16/fp16."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            tok_TH = _linear32(self.w_x, x_TD) + _linear32(self.w_h, ctx_TC)
-            per_EH = _linear32(self.w_p, self.persona_EP)
+            tok_TH = linear32(self.w_x, x_TD) + linear32(self.w_h, ctx_TC)
+            per_EH = linear32(self.w_p, self.persona_EP)
             pre_TEH = F.gelu(tok_TH.unsqueeze(1) + per_EH.unsqueeze(0))
-            logits_TE = _linear32(self.v, pre_TEH).squeeze(-1)
+            logits_TE = linear32(self.v, pre_TEH).squeeze(-1)
             return torch.softmax(logits_TE, dim=-1)
-
-
-def _linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """nn.Linear evaluated in fp32 whatever the module's dtype (routers stay fp32: FACTS.md)."""
-    bias = None if layer.bias is None else layer.bias.float()
-    return F.linear(x.float(), layer.weight.float(), bias)

@@ -40,6 +40,21 @@ def launch(script: str, nproc: int, args: list[str], timeout: float = 240) -> su
 
 
 @pytest.fixture(scope="session")
+def nyc(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped fsq-nyc data prepared once for the tier (read-only for the tests: runs go elsewhere)."""
+    from tests.conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "fsq-nyc").is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    out = tmp_path_factory.mktemp("data") / "nyc"
+    cmd = [sys.executable, "-m", "nextlocmoe.cli", "prepare", "--dataset", "fsq-nyc", "--source",
+           str(SHARED_DATA / "fsq-nyc"), "--out", str(out)]  # fmt: skip
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="session")
 def ep_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One reference launch (1 rank) and one expert-parallel launch (2 ranks); returns their output dir."""
     out = tmp_path_factory.mktemp("ep")

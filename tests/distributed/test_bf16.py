@@ -13,13 +13,12 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARED_DATA
+from tests.distributed.test_cluster_modes import losses, run, torchrun2
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,32 +31,6 @@ MODES = {
 }
 DS = {"expert": "zero2", "replicated": "zero2", "zero3": "zero3"}
 NEXTLOCMOE = [sys.executable, "-m", "nextlocmoe.cli"]
-
-
-def run(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    return p
-
-
-def torchrun2(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {
-        r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-    }
-
-
-@pytest.fixture(scope="module")
-def nyc(tmp_path_factory) -> Path:
-    if not (SHARED_DATA / "fsq-nyc").is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    out = tmp_path_factory.mktemp("data") / "nyc"
-    run([*NEXTLOCMOE, "prepare", "--dataset", "fsq-nyc", "--source", str(SHARED_DATA / "fsq-nyc"),
-         "--out", str(out)])  # fmt: skip
-    return out
 
 
 def job(nyc: Path, out: Path, mode: str, precision: str, *extra: str) -> list[str]:

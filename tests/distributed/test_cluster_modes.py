@@ -16,7 +16,6 @@ import torch
 
 from nextlocmoe.model.io import load_run, load_run_config
 from nextlocmoe.model.nextlocmoe import build_model
-from tests.conftest import SHARED_DATA
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,16 +50,6 @@ def test_rank0_chooses_the_resume_step(tmp_path: Path) -> None:
     run(torchrun2("tests/distributed/resume_worker.py", str(tmp_path / "b"), "--missing"))
     got = [json.loads((tmp_path / "b" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(isinstance(g, str) and "rank 0 resumes from step10" in g for g in got), got
-
-
-@pytest.fixture(scope="module")
-def nyc(tmp_path_factory) -> Path:
-    if not (SHARED_DATA / "fsq-nyc").is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    out = tmp_path_factory.mktemp("data") / "nyc"
-    run([sys.executable, "-m", "nextlocmoe.cli", "prepare", "--dataset", "fsq-nyc",
-         "--source", str(SHARED_DATA / "fsq-nyc"), "--out", str(out)])  # fmt: skip
-    return out
 
 
 def job(nyc: Path, out: Path, mode: str, *extra: str) -> list[str]:

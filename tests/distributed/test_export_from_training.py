@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARED_DATA
-
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,16 +20,6 @@ def _run(cmd: list[str], timeout: int = 400) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-
-
-@pytest.fixture(scope="module")
-def nyc(tmp_path_factory) -> Path:
-    if not (SHARED_DATA / "fsq-nyc").is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    out = tmp_path_factory.mktemp("data") / "nyc"
-    _run([sys.executable, "-m", "nextlocmoe.cli", "prepare", "--dataset", "fsq-nyc",
-          "--source", str(SHARED_DATA / "fsq-nyc"), "--out", str(out)])  # fmt: skip
-    return out
 
 
 @pytest.mark.parametrize(("nproc", "ep", "routing"), [(2, 2, "threshold"), (1, 1, "topk")])

@@ -13,23 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHARED_DATA
-
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
 WORKER = "tests/distributed/fault_worker.py"
-
-
-@pytest.fixture(scope="module")
-def nyc(tmp_path_factory) -> Path:
-    if not (SHARED_DATA / "fsq-nyc").is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    out = tmp_path_factory.mktemp("data") / "nyc"
-    subprocess.run([sys.executable, "-m", "nextlocmoe.cli", "prepare", "--dataset", "fsq-nyc", "--source",
-                    str(SHARED_DATA / "fsq-nyc"), "--out", str(out)], check=True, cwd=ROOT, env=ENV,
-                   capture_output=True)  # fmt: skip
-    return out
 
 
 def train_args(nyc: Path, out: Path, *extra: str) -> list[str]:

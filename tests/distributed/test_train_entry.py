@@ -30,7 +30,6 @@ import torch
 from nextlocmoe.data.store import TrajectoryDataset, collate
 from nextlocmoe.model.expert_ckpt import gather_deepspeed_state
 from nextlocmoe.model.io import load_run
-from tests.conftest import SHARED_DATA
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,16 +117,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def nyc(tmp_path_factory) -> Path:
-    if not (SHARED_DATA / "fsq-nyc").is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    out = tmp_path_factory.mktemp("data") / "nyc"
-    ok(run([sys.executable, "-m", "nextlocmoe.cli", "prepare", "--dataset", "fsq-nyc",
-            "--source", str(SHARED_DATA / "fsq-nyc"), "--out", str(out)]))  # fmt: skip
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -10,22 +10,17 @@ import torch
 from nextlocmoe.config import Config
 from nextlocmoe.model.loss import compute_loss
 from nextlocmoe.model.nextlocmoe import DataInfo, build_model
+from nextlocmoe.model.precision import cast_parameters  # as DeepSpeed 0.19.8 bf16: params, not buffers
 from tests.unit.conftest import random_batch
 
 L = 50
-
-
-def cast_params_like_deepspeed(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """DeepSpeed 0.19.8 under bf16: parameters cast, buffers kept (engine._cast_module_mixed_precision)."""
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
 
 
 @pytest.fixture(scope="module")
 def bf16_model(debug_cfg: Config):
     torch.manual_seed(0)
     m = build_model(debug_cfg.model, DataInfo(torch.randn(L, 2), 1000.0))
-    cast_params_like_deepspeed(m, torch.bfloat16)
+    cast_parameters(m, torch.bfloat16)
     return m
 
 
@@ -60,12 +55,12 @@ def test_bf16_forward_tracks_fp32(debug_cfg: Config) -> None:
     casts are in the right places (a wrong dtype path would either crash or drift far)."""
     torch.manual_seed(0)
     m32 = build_model(debug_cfg.model, DataInfo(torch.randn(L, 2), 1000.0)).eval()
-    cast_params_like_deepspeed(m32, torch.bfloat16)
+    cast_parameters(m32, torch.bfloat16)
     m16 = m32
     batch = random_batch(B=8, L=L, seed=5)
     with torch.no_grad():
         p16, _ = m16(batch)
-        cast_params_like_deepspeed(m32, torch.float32)  # the same bf16-rounded values, now fp32
+        cast_parameters(m32, torch.float32)  # the same bf16-rounded values, now fp32
         p32, _ = m32(batch)
     assert (p16.xy - p32.xy).abs().max() < 0.05
     top16, top32 = p16.scores.topk(5).indices, p32.scores.topk(5).indices
@@ -87,7 +82,7 @@ def test_combine_weights_and_the_sum_over_experts_are_fp32(mode: str) -> None:
     ex = PersonaExperts(mlp, r=4, alpha=4, dropout=0.0, expert_ids=list(range(4)), seed=0).eval()
     for p in ex.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    cast_params_like_deepspeed(ex, torch.bfloat16)
+    cast_parameters(ex, torch.bfloat16)
     x = torch.randn(256, 64).bfloat16()
     ids = torch.stack([torch.randperm(4)[:3] for _ in range(256)])
     w = torch.rand(256, 3) * 0.5 + 0.25
