@@ -8,13 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: this folder would shadow the ``export`` package
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
+# Run as a file (``python export/bench.py``): this folder would shadow the ``export`` package on
+# sys.path, so the same code runs as the installed package's module instead (``python -m export.bench``).
+if __name__ == "__main__" and not __package__:
+    _flags = ["-u"] if sys.flags.unbuffered else []
+    os.execv(sys.executable, [sys.executable, *_flags, "-m", "export.bench", *sys.argv[1:]])
 
 DEFAULT_BACKENDS = "torch,onnxruntime,tensorrt"
 ALL_BACKENDS = ("torch", "compile", "aoti", "onnxruntime", "tensorrt")

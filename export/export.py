@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: this folder would shadow the ``export`` package
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
+# Run as a file (``python export/export.py``): this folder would shadow the ``export`` package on
+# sys.path, so the same code runs as the installed package's module instead (``python -m export.export``).
+if __name__ == "__main__" and not __package__:
+    _flags = ["-u"] if sys.flags.unbuffered else []
+    os.execv(sys.executable, [sys.executable, *_flags, "-m", "export.export", *sys.argv[1:]])
 
 FORMATS = ("onnx", "tensorrt")
 
@@ -28,7 +29,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--n-check", type=int, default=128, help="held-out samples for the parity check")
     ap.add_argument("--topk", type=int, default=20, help="candidates returned by the engine")
-    ap.add_argument("--expert-compute", default="shared", choices=("shared", "folded"))
+    ap.add_argument(
+        "--expert-compute",
+        default="masked",
+        choices=("masked", "folded", "shared"),
+        help="static-shape expert compute (model/experts.py); shared = masked (older name)",
+    )
     ap.add_argument(
         "--fallback-checkpoint",
         action="store_true",

@@ -20,6 +20,13 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the field."""
 
 
+# The one vocabulary of personalized-expert compute strategies (model/experts.py), config to export.
+EXPERT_COMPUTE = ("grouped", "masked", "folded", "reference")
+EXPERT_COMPUTE_ALIASES = {"dense": "masked", "static": "masked", "shared": "masked", "naive": "reference"}
+# Keys that older config files / run folders may still carry; nothing read them, so they are dropped.
+REMOVED_KEYS = ("model.flavour", "data.num_workers")
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -30,12 +37,10 @@ class DataConfig:
     dir: str = "demo-out/data"  # a `nextlocmoe prepare` output folder
     batch_size: int = 32  # micro-batch per rank
     eval_batch_size: int = 128
-    num_workers: int = 0
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size must be >= 1")
         _check(self.eval_batch_size >= 1, "data.eval_batch_size must be >= 1")
-        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
 
 
 @dataclass
@@ -109,7 +114,9 @@ class PersonalMoEConfig:
     k_max: int = 5  # cap on experts per token under threshold routing
     renormalize: bool = False  # reference: selected probabilities are not renormalised
     router_hidden: int = 256
-    compute: str = "grouped"  # "grouped" (sparse pairs, training) | "dense" (static, export)
+    # expert compute strategy in training (model/experts.py): grouped (sorted pairs) | masked (static shapes)
+    # | reference (per-expert loop); older names dense/static -> masked, naive -> reference
+    compute: str = "grouped"
     balance_rate: float = 0.0  # auxiliary-loss-free balancing bias step (model/balance.py); 0 = off
     # which routing the bias and loss.balance_weight balance: "current" = each current-window position
     # across the batch (routing must depend on the sample), "tokens" = all tokens pooled
@@ -125,7 +132,9 @@ class PersonalMoEConfig:
         _check(1 <= self.k_max <= self.num_experts, "model.personal_moe.k_max must be in 1..num_experts")
         _check(0.0 < self.tau <= 1.0, "model.personal_moe.tau must be in (0, 1]")
         _check(self.every >= 1 and self.start_layer >= 0, "model.personal_moe.every/start_layer invalid")
-        _check(self.compute in ("grouped", "dense"), "model.personal_moe.compute must be grouped|dense")
+        self.compute = EXPERT_COMPUTE_ALIASES.get(self.compute, self.compute)
+        ok = self.compute in EXPERT_COMPUTE and self.compute != "folded"  # folded: inference form only
+        _check(ok, "model.personal_moe.compute must be grouped|masked|reference")
         _check(self.lora_r >= 1, "model.personal_moe.lora_r must be >= 1")
 
     @property
@@ -175,7 +184,6 @@ class TokensConfig:
 
 @dataclass
 class ModelConfig:
-    flavour: str = "debug"
     text_encoder: str = "auto"  # auto | backbone | minilm
     prompt: str = (
         "Task: predict the next location of a user from their long-term history and current trajectory."
@@ -342,7 +350,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = _field_types(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - known
+    unknown = {k for k in set(data) - known if prefix + k not in REMOVED_KEYS}
+    data = {k: v for k, v in data.items() if prefix + k not in REMOVED_KEYS}
     if unknown:
         raise ConfigError(f"unknown config key(s) {sorted(prefix + k for k in unknown)}")
     kwargs = {}

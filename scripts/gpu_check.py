@@ -149,7 +149,7 @@ def untrained_run(run: Path, config: str, data: Path) -> dict[str, Any]:
 
     from nextlocmoe.config import load_config, save_config
     from nextlocmoe.model.io import data_info_from_dir
-    from nextlocmoe.model.nextlocmoe import build_model
+    from nextlocmoe.model.build import build_model
 
     cfg = load_config(ROOT / config, [f"data.dir={data}"])
     torch.manual_seed(cfg.train.seed)

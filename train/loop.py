@@ -22,9 +22,10 @@ import torch
 
 from nextlocmoe.config import Config, save_config
 from nextlocmoe.data.store import TrajectoryDataset, collate
+from nextlocmoe.model.build import build_model
 from nextlocmoe.model.io import RunError, checkpoint_dir, data_info_from_dir, load_weights
 from nextlocmoe.model.loss import compute_loss
-from nextlocmoe.model.nextlocmoe import DataInfo, NextLocMoE, build_model
+from nextlocmoe.model.nextlocmoe import DataInfo, NextLocMoE
 from train.checkpoint import agree_resume_step, resume_step, save_checkpoint  # noqa: F401 (re-exported)
 from train.throughput import Throughput, model_flops_per_token
 
@@ -97,7 +98,7 @@ def build_engine(cfg: Config, ds_json: str, d: Dist):
     import deepspeed
 
     from train.ds_config import build_ds_config
-    from train.parallel import check_strategy, model_has_moe, moe_param_groups, parallelize
+    from train.parallel import check_strategy, model_has_moe, moe_param_groups, parallelize, replicate
 
     ds_cfg = build_ds_config(ds_json, cfg, d.world)  # strategy conflicts fail before the model is built
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
@@ -105,8 +106,10 @@ def build_engine(cfg: Config, ds_json: str, d: Dist):
     model = build_model(cfg.model, info)
     if cfg.train.init_from:
         init_weights(model, cfg.train.init_from, info, d)
-    if cfg.train.moe_parallel == "expert":  # replicated: the single-device model as it is (plain DP + ZeRO)
+    if cfg.train.moe_parallel == "expert":  # the layers' dispatchers become DeepSpeed-MoE all-to-all
         model = parallelize(model, cfg.train.ep_size, cfg.train.capacity_factor)
+    else:  # replicated: the single-device layers on every rank (plain DP + ZeRO), Switch loss reported
+        model = replicate(model)
     check_strategy(cfg.train.zero_stage, model_has_moe(model))
     groups = moe_param_groups(model, cfg.train.lr, cfg.train.weight_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -200,10 +203,6 @@ def train_step(engine, batch: dict[str, torch.Tensor], cfg: Config, xy_std: floa
         batch = mix_recovery(batch, cfg.model.tokens.recovery_masks, lw.next_weight, lw.recovery_weight, seed)
     batch = {k: v.to(engine.device) for k, v in batch.items()}
     pred, aux = engine(batch)
-    if cfg.train.moe_parallel == "replicated":
-        from train.parallel import fill_balancing_loss
-
-        fill_balancing_loss(aux.personal)
     parts = compute_loss(pred, aux, batch, cfg.loss, xy_std)
     engine.backward(parts.total)
     engine.step()
@@ -213,11 +212,15 @@ def train_step(engine, batch: dict[str, torch.Tensor], cfg: Config, xy_std: floa
 def load_report(engine, aux, batch: dict[str, torch.Tensor], d: Dist) -> tuple[list, list]:
     """Per MoE layer: expert_load (share per expert, padding excluded, all ranks) and expert_stats
     (train/monitor.py: dead experts, min/max load, capacity, padding ratio, dropped share)."""
+    from nextlocmoe.model.personal_moe import PersonalMoE
     from train.monitor import layer_rows, token_mask
-    from train.parallel import DSPersonalMoE
+    from train.parallel import ExpertParallelDispatcher
 
-    layers = [m for m in engine.module.modules() if hasattr(m, "bind") and hasattr(m, "cfg")]
-    stats = [m.last_stats if isinstance(m, DSPersonalMoE) else None for m in layers]
+    layers = [m for m in engine.module.modules() if isinstance(m, PersonalMoE)]
+    stats = [
+        m.dispatcher.last_stats if isinstance(m.dispatcher, ExpertParallelDispatcher) else None
+        for m in layers
+    ]
     if not aux.personal:
         return [], []
     mask_T = token_mask(batch, aux.personal[0].ids_TK.shape[0])
@@ -231,11 +234,11 @@ def routing_log(aux) -> dict:
     read on the tokens balancing acts on (``ModelAux.balanced``: the current window by default), the
     tokens ``explain`` reports."""
     from nextlocmoe.eval.routing_stats import torch_layer_stats
-    from nextlocmoe.model.balance import slot_counts
+    from nextlocmoe.model.routing import expert_counts
 
     def one(a) -> dict:
         return torch_layer_stats(
-            a.probs_TE, a.ids_TK, _sum_over_ranks(slot_counts(a.ids_TK, a.probs_TE.shape[-1]))
+            a.probs_TE, a.ids_TK, _sum_over_ranks(expert_counts(a.ids_TK, a.probs_TE.shape[-1]))
         )
 
     return {

@@ -16,29 +16,17 @@ from typing import Any
 
 import torch
 
-from nextlocmoe.model.routing import RoutingAux
+from nextlocmoe.model.layout import prompt_len, sequence_mask
+from nextlocmoe.model.routing import RoutingAux, expert_counts
 
 
 def token_mask(batch: dict[str, torch.Tensor], tokens: int) -> torch.Tensor:
-    """[T] bool, False on padded history positions. The decoder sequence is [prompt ; history ; current]
-    (S = Pn + H + C), flattened batch-major as the MoE layers see it."""
-    hist_BH = batch["hist_mask"].bool()
+    """[T] bool, False on padded history positions of the decoder sequence (model/layout.py), flattened
+    batch-major as the MoE layers see it."""
+    hist_BH = batch["hist_mask"]
     B, H = hist_BH.shape
     C = batch["cur_xy"].shape[1]
-    S = tokens // B
-    pn = S - H - C
-    ones = torch.ones(B, pn, dtype=torch.bool, device=hist_BH.device)
-    cur = torch.ones(B, C, dtype=torch.bool, device=hist_BH.device)
-    return torch.cat([ones, hist_BH, cur], dim=1).reshape(-1)
-
-
-def layer_counts(ids_TK: torch.Tensor, num_experts: int, mask_T: torch.Tensor | None = None) -> torch.Tensor:
-    """Used (token, slot) pairs per expert, [E] float64 on ids' device; tokens with mask False ignored."""
-    ids = ids_TK.detach()
-    if mask_T is not None:
-        ids = ids[mask_T.to(ids.device)]
-    ids = ids[ids >= 0].long()
-    return torch.bincount(ids, minlength=num_experts).to(torch.float64)
+    return sequence_mask(hist_BH, prompt_len(tokens // B, H, C), C).reshape(-1)
 
 
 def expert_stats(
@@ -85,7 +73,7 @@ def layer_rows(
     rows = []
     for aux, st in zip(aux_list, layer_stats, strict=True):
         E = aux.probs_TE.shape[-1]
-        c = layer_counts(aux.ids_TK, E, mask_T).to(device)
+        c = expert_counts(aux.ids_TK, E, mask_T).to(device, torch.float64)
         if st is None:
             routed = float((aux.ids_TK >= 0).sum())
             extra = torch.tensor([routed, 0.0, routed], dtype=torch.float64, device=device)

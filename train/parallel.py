@@ -1,27 +1,29 @@
-"""DeepSpeed-MoE expert parallelism for the Personalized MoE layer (level 2).
+"""DeepSpeed-MoE expert parallelism for the Personalized MoE layer (level 2): a dispatcher, not a layer.
 
-``DSPersonalMoE`` is a drop-in replacement for ``nextlocmoe.model.personal_moe.PersonalMoE`` built on
-DeepSpeed's native ``MoE`` (so the engine finds it: expert param groups, all-to-all, per-expert checkpoint
-files). Inside it:
+``parallelize`` keeps every ``PersonalMoE`` (its router, its routing record) and swaps its dispatcher
+(model/dispatch.py) for an ``ExpertParallelDispatcher``: a DeepSpeed ``MoE`` (so the engine finds it: expert
+param groups, all-to-all, per-expert checkpoint files) holding this rank's LoRA experts. The layer routes
+once (``HistoryAwareRouter.route``) and hands the selection to DeepSpeed as ``MOELayer``'s second input,
+which DeepSpeed passes to its gate: ``SelectionGate`` turns the selection into DeepSpeed 0.19.8's
+sparse-route 7-tuple (no routing math of its own; no token dropping unless ``capacity_factor`` > 0,
+capacity = the largest per-expert token count agreed across the expert-parallel group, no noise, no RTS).
+DeepSpeed then does the dispatch, the all-to-alls and the gate-weighted decode.
 
-- ``HistoryAwareGate`` (a ``TopKGate``): our ``HistoryAwareRouter`` on [x_t ; h_hist] and ``routing.select``
-  (top-k or threshold), returned in DeepSpeed 0.19.8's sparse-route 7-tuple. No token dropping (capacity =
-  the largest per-expert token count, agreed across the expert-parallel group), no noise, no RTS.
-- ``SharedBaseLoRAExperts``: this rank's LoRA experts only; the frozen base FFN is shared (one copy per
-  layer), lives on the MoE module as ``base_ffn`` (outside ``deepspeed_experts.<i>``, no "expert" in its
-  parameter names) and is never saved into the per-expert files.
+Each rank's experts run the ``reference`` per-expert math (experts.py ``expert_ffn``) on DeepSpeed's
+capacity buffers (rows there are (token, expert) pairs already); the frozen base FFN is shared (one copy per
+layer), registered as ``base_ffn`` (no "expert" in its parameter names: never in the per-expert files).
 
-Checkpoints saved with any ep_size are mapped back to single-device ``PersonalMoE`` names by
-``gather_expert_state`` (evaluate / export; training under another ep_size starts from them through
-``train.init_from``, which loads the single-device model before ``parallelize``).
+``train.moe_parallel=replicated`` (``replicate``): every rank keeps the local dispatcher, with the Switch
+load-balancing loss, so ``loss.aux_weight`` means the same in both modes.
 
-Shape legend: B batch, S sequence, T = B*S tokens, D model width, C history width, K slots, E experts,
-G ep_size, El = E / G local experts, Cap capacity (max tokens any expert receives), F FFN width.
+Checkpoints saved with any ep_size map back to single-device names (``gather_expert_state``).
+
+Shape legend: T tokens, D model width, K slots, E experts, G ep_size, El = E / G local experts,
+Cap capacity (max tokens any expert receives).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from pathlib import Path
@@ -36,11 +38,11 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from deepspeed.utils import groups
 from torch import nn
 
-from nextlocmoe.config import PersonalMoEConfig
-from nextlocmoe.model.expert_ckpt import LORA_KEY, gather_deepspeed_state, to_local_key
+from nextlocmoe.model.dispatch import LocalDispatcher
+from nextlocmoe.model.expert_ckpt import LORA_KEY, gather_deepspeed_state, local_lora_key, to_local_key
 from nextlocmoe.model.experts import LoRAExpert, expert_ffn
 from nextlocmoe.model.personal_moe import PersonalMoE
-from nextlocmoe.model.routing import HistoryAwareRouter, RoutingAux, select
+from nextlocmoe.model.routing import expert_counts, load_balancing_loss
 
 ZERO3_MOE_ERROR = (
     "Native DeepSpeed MoE is not supported with ZeRO Stage 3 — use ZeRO-1/2 (train.zero_stage=1 or 2, "
@@ -48,85 +50,30 @@ ZERO3_MOE_ERROR = (
     "DeepSpeed MoE layers); in expert mode the layers are DeepSpeed MoE layers at any ep_size, so "
     "ep_size=1 does not lift this."
 )
+Selection = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # probs_TE, ids_TK, w_TK (routing.py)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Gate
+class SelectionGate(TopKGate):
+    """DeepSpeed gate that receives the layer's routing selection as its second input (the ``used_token``
+    slot of DeepSpeed's ``MOELayer`` call) and returns it as the sparse-route 7-tuple."""
 
-
-class HistoryAwareGate(TopKGate):
-    """DeepSpeed gate running our history-aware router and top-k / threshold selection.
-
-    ``context`` ([T, C], the history vector per token) must be set right before each forward. The last
-    forward's routing (probs_TE, ids_TK, w_TK) is kept in ``last`` for the layer's RoutingAux.
-    """
-
-    def __init__(
-        self, router: HistoryAwareRouter, cfg: PersonalMoEConfig, d_model: int, capacity_factor: float = 0.0
-    ) -> None:
-        super().__init__(
-            d_model,
-            cfg.num_experts,
-            k=cfg.slots,
-            min_capacity=0,
-            noisy_gate_policy=None,
-            drop_tokens=False,
-            use_rts=False,
-            top2_2nd_expert_sampling=False,
-        )
-        del self.wg  # DeepSpeed's linear gate is replaced by the history-aware router
-        self.router = router
-        self.cfg = cfg
-        self.context: torch.Tensor | None = None
-        self.last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    def __init__(self, num_experts: int, slots: int, d_model: int, capacity_factor: float = 0.0) -> None:
+        super().__init__(d_model, num_experts, k=slots, min_capacity=0, noisy_gate_policy=None,
+                         drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)  # fmt: skip
+        del self.wg  # no DeepSpeed linear gate: the layer's HistoryAwareRouter routed already
         self.cap_factor = capacity_factor  # 0: no dropping (capacity = the largest expert load)
         self.stats: dict[str, torch.Tensor] = {}  # last forward's capacity / dispatched / dropped / routed
 
-    def forward(
-        self,
-        input: torch.Tensor,
-        used_token: torch.Tensor | None = None,
-        sparse_routes: bool = True,
-        use_tutel: bool = False,
-    ) -> tuple[torch.Tensor, ...]:
-        """input [T, D] -> (l_aux, capacity, E, indices [K, T] int32 (-1 empty), locations [K, T] int32,
-        gates [K, T] fp32, exp_counts [E]): DeepSpeed 0.19.8's sparse-route gate contract."""
-        if not sparse_routes or use_tutel or used_token is not None:
-            raise NotImplementedError("HistoryAwareGate: sparse routes only (no tutel, no used_token)")
-        if self.context is None or self.context.shape[0] != input.shape[0]:
-            raise RuntimeError("HistoryAwareGate.context [T, C] must be set for this forward's tokens")
-        c = self.cfg
-        probs_TE = self._router_fp32(input, self.context)
-        scale = self.router.sel_bias_E.float().exp()  # balancing bias (model/balance.py)
-        ids_TK, w_TK = select(probs_TE, c.routing, c.top_k, c.tau, c.k_max, c.renormalize, scale)
-        self.last = (probs_TE, ids_TK, w_TK)
-        cf, st = self.cap_factor, self.stats
-        return sparse_routes_from_selection(probs_TE, ids_TK, w_TK, self.ep_group, cf, st)
-
-    def _router_fp32(self, x_TD: torch.Tensor, ctx_TC: torch.Tensor) -> torch.Tensor:
-        """The router with fp32 weights even when the engine cast the module to bf16 (bf16 routers flip
-        expert choices; HistoryAwareRouter casts its inputs, not its weights). No copy when already fp32;
-        gradients flow back to the (bf16) parameters through the casts."""
-        tensors = dict(self.router.named_parameters())
-        tensors.update(self.router.named_buffers())
-        if all(t.dtype == torch.float32 for t in tensors.values()):
-            return self.router(x_TD, ctx_TC)
-        fp32 = {k: t.float() for k, t in tensors.items()}
-        return torch.func.functional_call(self.router, fp32, (x_TD, ctx_TC))
-
-
-def load_balancing_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """Switch/GShard load-balancing loss E * sum_e mean_t(p_te) * frac_e, frac_e = counts_E / sum(counts_E)
-    (share of used (token, slot) pairs on expert e, no gradient). 1.0 when perfectly balanced."""
-    E = probs_TE.shape[-1]
-    frac_E = counts_E.detach().float() / counts_E.sum().clamp_min(1).float()
-    return E * torch.sum(probs_TE.float().mean(0) * frac_E)
-
-
-def expert_counts(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Used (token, slot) pairs per expert, [E] int64 (-1 slots ignored)."""
-    ids = ids_TK.detach()
-    return torch.bincount(ids[ids >= 0].long(), minlength=num_experts)
+    def forward(self, input: torch.Tensor, selection: Selection, sparse_routes: bool = True,
+                use_tutel: bool = False) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """input [T, D], selection (probs_TE, ids_TK, w_TK) -> (l_aux, capacity, E, indices [K, T] int32
+        (-1 empty), locations [K, T] int32, gates [K, T] fp32, exp_counts [E])."""
+        if not sparse_routes or use_tutel or not isinstance(selection, tuple):
+            raise NotImplementedError("SelectionGate: sparse routes from a routing selection only")
+        probs_TE, ids_TK, w_TK = selection
+        return sparse_routes_from_selection(
+            probs_TE, ids_TK, w_TK, self.ep_group, self.cap_factor, self.stats
+        )
 
 
 def sparse_routes_from_selection(
@@ -152,7 +99,7 @@ def sparse_routes_from_selection(
     safe_TK = ids_TK.clamp_min(0).long()
     mask_TE = torch.zeros(T, E, dtype=torch.long, device=ids_TK.device)
     mask_TE.scatter_add_(1, safe_TK, used_TK.long())  # ids of one token are distinct: 0/1 entries
-    exp_counts = mask_TE.sum(0).detach()
+    exp_counts = expert_counts(ids_TK, E).long()
     loc_TE = torch.cumsum(mask_TE, dim=0) - 1
     loc_TK = loc_TE.gather(1, safe_TK) * used_TK
     l_aux = load_balancing_loss(probs_TE, exp_counts)
@@ -174,48 +121,36 @@ def sparse_routes_from_selection(
     return l_aux, capacity, E, indices_KT, locations_KT, gates_KT, exp_counts
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Experts
-
-
 def _hide(module: nn.Module) -> list[nn.Module]:
     """A reference that nn.Module does not register (no duplicate parameters / state-dict keys)."""
     return [module]
 
 
-class SharedBaseLoRAExperts(nn.Module):
-    """This rank's LoRA experts over a frozen base FFN shared with the owning layer (not registered here).
+class LocalLoRAExperts(nn.Module):
+    """This rank's LoRA experts over the layer's frozen base FFN (registered on the dispatcher, not here).
 
     Parameters live at ``deepspeed_experts.<local id>.{gate,up,down}_{A,B}`` (DeepSpeed's expert layout),
     tagged ``allreduce=False`` and ``group_name`` like ``deepspeed.moe.experts.Experts`` does.
     """
 
-    def __init__(
-        self, base_ffn: nn.Module, loras: list[LoRAExpert], scaling: float, dropout: float, group_name: str
-    ) -> None:
+    def __init__(self, base_ffn: nn.Module, loras: list[LoRAExpert], scaling: float, dropout: float,
+                 group_name: str) -> None:  # fmt: skip
         super().__init__()
         self._base = _hide(base_ffn)
         self.deepspeed_experts = nn.ModuleList(loras)
-        self.num_local_experts = len(loras)
         self.scaling = scaling
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        for ex in self.deepspeed_experts:
-            for p in ex.parameters():
-                p.allreduce = False
-                p.group_name = group_name
+        for p in self.deepspeed_experts.parameters():
+            p.allreduce, p.group_name = False, group_name
 
-    def forward(self, inputs_GECM: torch.Tensor) -> torch.Tensor:
-        """inputs [G, El, Cap, D] (tokens dispatched to this rank's experts) -> outputs, same shape."""
-        G, El, Cap, D = inputs_GECM.shape
-        outs = []
-        for i, ex in enumerate(self.deepspeed_experts):
-            x_ND = inputs_GECM[:, i].reshape(G * Cap, D)
-            outs.append(expert_ffn(self._base[0], ex, x_ND, self.scaling, self.drop).view(G, Cap, D))
-        return torch.stack(outs, dim=1)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The layer
+    def forward(self, inputs_GECD: torch.Tensor) -> torch.Tensor:
+        """inputs [G, El, Cap, D] (rows dispatched to this rank's experts) -> outputs, same shape."""
+        G, El, Cap, D = inputs_GECD.shape
+        outs = [
+            expert_ffn(self._base[0], ex, inputs_GECD[:, i].reshape(G * Cap, D), self.scaling, self.drop)
+            for i, ex in enumerate(self.deepspeed_experts)
+        ]
+        return torch.stack(outs, dim=1).view(G, El, Cap, D)
 
 
 def expert_parallel_rank(ep_size: int) -> int:
@@ -231,101 +166,71 @@ def expert_parallel_rank(ep_size: int) -> int:
     return groups._get_expert_parallel_rank(name)
 
 
-class DSPersonalMoE(MoE):
-    """Expert-parallel PersonalMoE: same ``bind(ctx_BC, sink)`` / ``forward(x_BSD) -> y_BSD`` API.
-
-    Holds the router (in the gate), the shared frozen base FFN (``base_ffn``) and the LoRA tensors of global
-    experts ``ep_rank*El .. ep_rank*El + El - 1``. Appends RoutingAux(probs_TE, ids_TK, w_TK, l_aux) per
-    forward, where l_aux is the gate's load-balancing loss for the local tokens.
-    """
+class ExpertParallelDispatcher(MoE):
+    """The expert-parallel dispatcher of a ``PersonalMoE``: DeepSpeed-MoE all-to-all to this rank's LoRA
+    experts (global ids ``ep_rank*El .. ep_rank*El + El - 1``) and back. Called like ``LocalDispatcher``;
+    l_aux is the gate's Switch load-balancing loss for the local tokens."""
 
     def __init__(self, layer: PersonalMoE, ep_size: int, ep_rank: int, capacity_factor: float = 0.0) -> None:
-        cfg = layer.cfg
-        base = layer.experts.base
-        d_model = base.gate_proj.in_features
-        super().__init__(
-            d_model,
-            nn.Identity(),
-            num_experts=cfg.num_experts,
-            ep_size=ep_size,
-            k=1,
-            min_capacity=0,
-            drop_tokens=False,
-            use_rts=False,
-            top2_2nd_expert_sampling=False,
-        )
-        self.cfg = cfg
-        self.layer_idx = layer.layer_idx
+        cfg, experts = layer.cfg, layer.experts
+        d_model = experts.base.gate_proj.in_features
+        super().__init__(d_model, nn.Identity(), num_experts=cfg.num_experts, ep_size=ep_size, k=1,
+                         min_capacity=0, drop_tokens=False, use_rts=False,
+                         top2_2nd_expert_sampling=False)  # fmt: skip
         self.ep_rank = ep_rank
-        self.base_ffn = base  # shared, frozen; outside deepspeed_experts.<i>, no "expert" in its names
+        self.base_ffn = (
+            experts.base
+        )  # shared, frozen; outside deepspeed_experts.<i>, no "expert" in its names
         el = self.num_local_experts
         self.expert_ids = list(range(ep_rank * el, (ep_rank + 1) * el))
-        loras = [copy.deepcopy(layer.experts.lora[g]) for g in self.expert_ids]
-        self.deepspeed_moe.experts = SharedBaseLoRAExperts(
-            base, loras, layer.experts.scaling, cfg.lora_dropout, self.expert_group_name
+        loras = [experts.lora[g] for g in self.expert_ids]
+        self.deepspeed_moe.experts = LocalLoRAExperts(
+            experts.base, loras, experts.scaling, cfg.lora_dropout, self.expert_group_name
         )
-        gate = HistoryAwareGate(copy.deepcopy(layer.router), cfg, d_model, capacity_factor)
-        self.deepspeed_moe.gate = gate
-        self._ctx_BC: torch.Tensor | None = None
-        self._sink: list[RoutingAux] | None = None
-
-    @classmethod
-    def from_local(cls, layer: PersonalMoE, ep_size: int, capacity_factor: float = 0.0) -> DSPersonalMoE:
-        """Build from a single-device PersonalMoE: copies the router and this rank's experts' LoRA tensors
-        (the frozen base module is shared, not copied)."""
-        if layer.cfg.num_experts % ep_size != 0:
-            raise ValueError(f"num_experts {layer.cfg.num_experts} is not divisible by ep_size {ep_size}")
-        return cls(layer, ep_size, expert_parallel_rank(ep_size), capacity_factor)
+        self.deepspeed_moe.gate = SelectionGate(cfg.num_experts, cfg.slots, d_model, capacity_factor)
 
     @property
     def last_stats(self) -> dict[str, torch.Tensor]:
         """The last forward's capacity / dispatched / dropped / routed pair counts (train/monitor.py)."""
         return self.deepspeed_moe.gate.stats
 
-    @property
-    def router(self) -> HistoryAwareRouter:
-        return self.deepspeed_moe.gate.router
-
-    def bind(self, ctx_BC: torch.Tensor, sink: list[RoutingAux]) -> None:
-        """Set this forward's history vectors [B, C] and the list that collects its RoutingAux."""
-        self._ctx_BC, self._sink = ctx_BC, sink
-
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """x_BSD [B, S, D] -> y_BSD [B, S, D]; appends this layer's RoutingAux to the bound sink."""
-        if self._ctx_BC is None or self._sink is None:
-            raise RuntimeError("DSPersonalMoE.bind(ctx, sink) must be called before each forward")
-        S = x_BSD.shape[1]
-        gate = self.deepspeed_moe.gate
-        gate.context = self._ctx_BC.repeat_interleave(S, dim=0)
-        y_BSD, l_aux, _ = super().forward(x_BSD)
-        probs_TE, ids_TK, w_TK = gate.last
-        gate.context, gate.last = None, None
-        self._sink.append(RoutingAux(probs_TE, ids_TK, w_TK, l_aux.float(), x_BSD.shape[0]))
-        return y_BSD
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Model-level helpers
+    def forward(  # type: ignore[override]
+        self, x_TD: torch.Tensor, probs_TE: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor,
+        experts: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """x_TD [T, D] and the layer's selection -> y_TD [T, D], l_aux (``experts`` unused: held here)."""
+        y_TD = self.deepspeed_moe(x_TD, (probs_TE, ids_TK, w_TK))
+        return y_TD, self.deepspeed_moe.l_aux.float()
 
 
 def parallelize(model: nn.Module, ep_size: int, capacity_factor: float = 0.0) -> nn.Module:
-    """Replace every PersonalMoE submodule by a DSPersonalMoE (in place; returns ``model``).
+    """Give every PersonalMoE an ExpertParallelDispatcher holding this rank's experts (in place; returns
+    ``model``); the layer's single-device expert storage goes (the dispatcher owns the experts now).
+    Call after ``deepspeed.init_distributed()`` and before ``deepspeed.initialize``."""
+    for layer in [m for m in model.modules() if isinstance(m, PersonalMoE)]:
+        if layer.cfg.num_experts % ep_size != 0:
+            raise ValueError(f"num_experts {layer.cfg.num_experts} is not divisible by ep_size {ep_size}")
+        layer.dispatcher = ExpertParallelDispatcher(
+            layer, ep_size, expert_parallel_rank(ep_size), capacity_factor
+        )
+        layer.experts = None
+    return model
 
-    Call after ``deepspeed.init_distributed()`` and before ``deepspeed.initialize``.
-    """
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, PersonalMoE)]
-    for name, layer in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, DSPersonalMoE.from_local(layer, ep_size, capacity_factor))
+
+def replicate(model: nn.Module) -> nn.Module:
+    """``train.moe_parallel=replicated``: every rank keeps all experts (the local dispatcher and its
+    strategy) and reports the Switch load-balancing loss as the expert-parallel gate does. In place."""
+    for layer in [m for m in model.modules() if isinstance(m, PersonalMoE)]:
+        layer.dispatcher = LocalDispatcher(layer.dispatcher.strategy, aux_loss=True)
     return model
 
 
 def attach_expert_groups(model: nn.Module) -> nn.Module:
-    """Give each DSPersonalMoE its expert-parallel process group for use WITHOUT deepspeed.initialize
-    (evaluation, tests). Do not call on a model you pass to deepspeed.initialize (the engine does it)."""
+    """Give each ExpertParallelDispatcher its expert-parallel process group for use WITHOUT
+    deepspeed.initialize (evaluation, tests). Not for a model passed to deepspeed.initialize (the engine
+    does it)."""
     for m in model.modules():
-        if isinstance(m, DSPersonalMoE) and m.deepspeed_moe.ep_group is None and m.ep_size > 1:
+        if isinstance(m, ExpertParallelDispatcher) and m.deepspeed_moe.ep_group is None and m.ep_size > 1:
             m.set_deepspeed_parallelism()
     return model
 
@@ -349,23 +254,8 @@ def moe_param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[d
     return split_params_into_different_moe_groups_for_optimizer([group])
 
 
-def expert_load(aux_list: list[RoutingAux], group: Any = None, reduce: bool = False) -> list[list[float]]:
-    """Per MoE layer, the fraction of used (token, slot) pairs routed to each expert. With ``reduce`` the
-    counts are summed over ``group`` (default: all ranks) first, giving the global load."""
-    out = []
-    for aux in aux_list:
-        counts_E = expert_counts(aux.ids_TK, aux.probs_TE.shape[-1]).float()
-        if reduce and dist.is_initialized():
-            dist.all_reduce(counts_E, group=group)
-        out.append((counts_E / counts_E.sum().clamp_min(1.0)).tolist())
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoint conversion (any ep_size -> single-device PersonalMoE names)
-
-# LORA_KEY (expert_ckpt.py): the DSPersonalMoE LoRA key layout (local slot index in this module's state dict;
-# global expert id in DeepSpeed's expert files).
+# Checkpoint conversion (any ep_size -> single-device PersonalMoE names; LORA_KEY: expert_ckpt.py)
 
 
 def gather_expert_state(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, torch.Tensor]:
@@ -375,43 +265,32 @@ def gather_expert_state(ckpt_dir: str | os.PathLike, tag: str) -> dict[str, torc
     return gather_deepspeed_state(Path(ckpt_dir) / str(tag))
 
 
+def _dispatchers(model: nn.Module) -> dict[str, ExpertParallelDispatcher]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, ExpertParallelDispatcher)}
+
+
 def single_device_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """This rank's parameters and buffers under single-device PersonalMoE names (local expert slots mapped to
     global expert ids). Merging the dicts of all ranks of one expert-parallel group gives the full model."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, DSPersonalMoE)}
-    out = {}
+    layers, out = _dispatchers(model), {}
     for key, value in model.state_dict().items():
         m = LORA_KEY.match(key)
         if m and m.group(1) in layers:
-            gid = layers[m.group(1)].expert_ids[int(m.group(2))]
-            key = f"{m.group(1)}.deepspeed_moe.experts.deepspeed_experts.{gid}.{m.group(3)}"
+            key = local_lora_key(m.group(1), layers[m.group(1)].expert_ids[int(m.group(2))], m.group(3))
         out[to_local_key(key)] = value.detach().clone()
     return out
 
 
 def scatter_expert_state(local_state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Single-device state dict -> this rank's DSPersonalMoE state dict for ``model`` (any ep_size): the
+    """Single-device state dict -> this rank's state dict for the parallelized ``model`` (any ep_size): the
     inverse of ``single_device_state``, for loading weights into an already-parallelized model (e.g. after
     ``deepspeed.initialize``). ``train.init_from`` does not need it: it loads before ``parallelize``."""
-    out = {}
-    own = model.state_dict()
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, DSPersonalMoE)}
-    for key in own:
+    layers, out = _dispatchers(model), {}
+    for key in model.state_dict():
         m = LORA_KEY.match(key)
         if m and m.group(1) in layers:
             gid = layers[m.group(1)].expert_ids[int(m.group(2))]
-            out[key] = local_state[f"{m.group(1)}.experts.lora.{gid}.{m.group(3)}"]
+            out[key] = local_state[local_lora_key(m.group(1), gid, m.group(3))]
         else:
             out[key] = local_state[to_local_key(key)]
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Replicated mode (train.moe_parallel=replicated): the single-device PersonalMoE on every rank
-
-
-def fill_balancing_loss(aux_list: list[RoutingAux]) -> None:
-    """Give each layer's RoutingAux the same load-balancing l_aux the expert-parallel gate computes (on
-    this rank's tokens), so ``loss_aux`` / ``loss.aux_weight`` mean the same in both modes. In place."""
-    for a in aux_list:
-        a.l_aux = load_balancing_loss(a.probs_TE, expert_counts(a.ids_TK, a.probs_TE.shape[-1]))

@@ -16,7 +16,11 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `train.*` importable when run as a script
+# Run as a file (``python train/train.py``, torchrun, srun): this folder would shadow the ``train`` package on
+# sys.path, so the same code runs as the installed package's module instead (``python -m train.train``).
+if __name__ == "__main__" and not __package__:
+    _flags = ["-u"] if sys.flags.unbuffered else []
+    os.execv(sys.executable, [sys.executable, *_flags, "-m", "train.train", *sys.argv[1:]])
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from nextlocmoe.batch_keys import BATCH_KEYS, POINTER_KEYS  # noqa: F401 - re-exported
 from nextlocmoe.data.featurize import sample_features
 from nextlocmoe.data.layout import (  # noqa: F401 - re-exported for callers of the store API
     RECORD_COLUMNS,
@@ -26,37 +27,7 @@ from nextlocmoe.data.layout import (  # noqa: F401 - re-exported for callers of 
 from nextlocmoe.data.parsing import DataError
 from nextlocmoe.data.windows import SPLITS
 
-BATCH_KEYS = (
-    "hist_xy",
-    "hist_weekday",
-    "hist_hour",
-    "hist_dur",
-    "hist_mask",
-    "hist_loc",
-    "cur_xy",
-    "cur_weekday",
-    "cur_hour",
-    "cur_dur",
-    "cur_loc",
-    "target_xy",
-    "target_loc",
-    "target_dur",
-    "user",
-    "sample_index",
-)
-# Pointer window (``pointer`` > 0, docs/MODEL_QUALITY.md): the P records right before the target (its own
-# user's, any split; -1/0 left padding) and the query time (the target's weekday / hour / gap: its time is
-# given, as in LLM-Mob and STAN, never its location).
-POINTER_KEYS = (
-    "ptr_loc",
-    "ptr_xy",
-    "ptr_weekday",
-    "ptr_hour",
-    "ptr_age_h",
-    "query_weekday",
-    "query_hour",
-    "query_gap_h",
-)
+# BATCH_KEYS / POINTER_KEYS live in nextlocmoe/batch_keys.py (shared with the model, below both).
 
 
 class TrajectoryDataset(Dataset):

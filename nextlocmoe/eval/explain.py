@@ -22,6 +22,8 @@ from tqdm import tqdm
 from nextlocmoe.data.store import TrajectoryDataset, collate, eval_subset, load_locations, load_manifest
 from nextlocmoe.eval.routing_stats import routing_diagnostics
 from nextlocmoe.model import text
+from nextlocmoe.model.layout import prompt_len, sequence_mask
+from nextlocmoe.model.routing import expert_counts
 
 FUNCTION_NAMES = tuple(text.FUNCTION_CATEGORIES)  # expert e of the semantic MoE was initialised from name e
 POOLS = {
@@ -97,7 +99,7 @@ def collect_routing(
         out[f"sem_{k}"] = np.concatenate(sem[k]) if sem[k] else None
         out[f"per_{k}"] = [np.concatenate(s[k]) for s in per]
     S = out["per_probs"][0].shape[1] if per else 0
-    out["prompt_len"] = S - out["hist_mask"].shape[1] - out["cur_loc"].shape[1] if per else 0
+    out["prompt_len"] = prompt_len(S, out["hist_mask"].shape[1], out["cur_loc"].shape[1]) if per else 0
     return out
 
 
@@ -119,9 +121,7 @@ def token_mask(raw: dict, pool: str) -> np.ndarray:
     elif pool == "last":
         m[:, -1] = True
     else:
-        m[:, :Pn] = True
-        m[:, Pn : Pn + H] = raw["hist_mask"]
-        m[:, Pn + H :] = True
+        m[:] = sequence_mask(torch.from_numpy(np.asarray(raw["hist_mask"])), Pn, C).numpy()
     return m
 
 
@@ -131,7 +131,7 @@ def mix_stats(probs_TE: np.ndarray, ids_TK: np.ndarray, w_TK: np.ndarray) -> dic
     expert, load coefficient of variation (population std / mean), mean routing entropy (nats)."""
     T, E = probs_TE.shape
     valid = ids_TK >= 0
-    load = np.bincount(ids_TK[valid], minlength=E).astype(np.float64)
+    load = expert_counts(torch.from_numpy(np.asarray(ids_TK)), E).double().numpy()
     wsum = np.bincount(ids_TK[valid], weights=w_TK[valid].astype(np.float64), minlength=E)
     load = load / max(load.sum(), 1.0)
     wshare = wsum / wsum.sum() if wsum.sum() > 0 else wsum

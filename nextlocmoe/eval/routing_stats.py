@@ -14,14 +14,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from nextlocmoe.model.routing import expert_counts
+
 
 def layer_stats(probs_TE: np.ndarray, ids_TK: np.ndarray, counts_E: np.ndarray | None = None) -> dict:
     """Diagnostics of one layer from raw routing arrays; ``counts_E`` (e.g. summed over ranks) replaces the
     load counted from ``ids_TK``."""
     E = probs_TE.shape[-1]
     if counts_E is None:
-        valid = ids_TK >= 0
-        counts_E = np.bincount(ids_TK[valid].astype(np.int64), minlength=E)
+        counts_E = expert_counts(torch.from_numpy(np.asarray(ids_TK, dtype=np.int64)), E).numpy()
     counts = np.asarray(counts_E, dtype=np.float64)
     total = counts.sum()
     load = counts / total if total > 0 else np.zeros(E)

@@ -18,16 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from nextlocmoe.model.routing import RoutingAux
-
-
-def slot_counts(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Routed slots per expert [E] float32 (id -1 = empty slot, not counted)."""
-    ids = ids_TK.detach().reshape(-1)
-    ids = ids[ids >= 0].long()
-    return torch.zeros(num_experts, dtype=torch.float32, device=ids_TK.device).index_add_(
-        0, ids, torch.ones_like(ids, dtype=torch.float32)
-    )
+from nextlocmoe.model.routing import RoutingAux, expert_counts
 
 
 @torch.no_grad()
@@ -50,7 +41,7 @@ def balance_routers(
     update is the same whatever the split into ranks and micro-batches. Returns the counts per router."""
     out = []
     for bias_E, auxes in pairs:
-        counts = sum(slot_counts(a.ids_TK, bias_E.numel()) for a in auxes)
+        counts = sum(expert_counts(a.ids_TK, bias_E.numel()) for a in auxes)
         if reduce is not None:
             counts = reduce(counts)
         update_bias(bias_E, counts, rate)

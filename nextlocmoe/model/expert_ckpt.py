@@ -2,7 +2,7 @@
 
 DeepSpeed writes ``mp_rank_00_model_states.pt`` (dense params under ``module``) and one
 ``layer_{L}_expert_{e}_mp_rank_00_model_states.pt`` per global expert (keys with the global expert id).
-Keys of the expert-parallel layer (``train/parallel.py``) map back to ``PersonalMoE`` names here.
+Keys of the expert-parallel dispatcher (``train/parallel.py``) map back to ``PersonalMoE`` names here.
 """
 
 from __future__ import annotations
@@ -18,13 +18,20 @@ _EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt
 LORA_KEY = re.compile(r"^(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\w+)$")
 
 
+def local_lora_key(moe_prefix: str, gid: int | str, name: str) -> str:
+    """The single-device key of global expert ``gid``'s LoRA tensor ``name``, from the prefix of the
+    DeepSpeed MoE module that holds it (``<layer>.dispatcher``; ``<layer>`` in checkpoints written before
+    the dispatcher seam)."""
+    return f"{moe_prefix.removesuffix('.dispatcher')}.experts.lora.{gid}.{name}"
+
+
 def to_local_key(key: str) -> str:
     """One expert-parallel state-dict key (global expert id) -> the PersonalMoE key; others unchanged."""
     m = LORA_KEY.match(key)
     if m:
-        return f"{m.group(1)}.experts.lora.{m.group(2)}.{m.group(3)}"
-    key = key.replace(".deepspeed_moe.gate.router.", ".router.")
-    return key.replace(".base_ffn.", ".experts.base.")
+        return local_lora_key(m.group(1), m.group(2), m.group(3))
+    key = key.replace(".deepspeed_moe.gate.router.", ".router.")  # checkpoints before the dispatcher seam
+    return key.replace(".dispatcher.base_ffn.", ".experts.base.").replace(".base_ffn.", ".experts.base.")
 
 
 def gather_deepspeed_state(tag_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -8,13 +8,19 @@ B zero at init, A Kaiming-uniform as PEFT does) and convert to/from PEFT adapter
 
 Shared-base compute (MODEL.md): G = x W_g^T and U = x W_u^T once per token, the low-rank deltas and the
 nonlinearity per (token, expert) pair, the prob-weighted hidden states summed per token and projected by
-W_d once, plus each pair's low-rank down delta. Three implementations of the same math:
-- ``naive``:   per expert, the full LoRA FFN on its routed tokens (the reference code's math).
-- ``grouped``: shared base + per-expert low-rank matmuls on pairs sorted by expert (training path).
-- ``static``:  shared base + one-hot-masked stacked low-rank matmuls, no data-dependent shapes (export).
-
-Precision (issue 18, model/precision.py): the combine weights and the weighted sum over experts are fp32 in
-every implementation (under bf16 parameters too); the result is cast to the activation dtype once.
+W_d once, plus each pair's low-rank down delta. One vocabulary of compute strategies (``STRATEGIES``; the
+config's ``personal_moe.compute``, the layer's dispatcher and ``export --expert-compute`` all use it):
+- ``reference``: per expert, the full LoRA FFN on its routed tokens (the reference code's math; the
+  expert-parallel layer runs it on each local expert's DeepSpeed capacity buffer).
+- ``grouped``:   shared base + per-expert low-rank matmuls on pairs sorted by expert (training default;
+  data-dependent split sizes, one host sync).
+- ``masked``:    shared base + one-hot-masked stacked low-rank matmuls: no data-dependent shapes, no host
+  sync (export default; trainable too). After ``freeze`` the base and low-rank input projections are one
+  fused constant matmul.
+- ``folded``:    LoRA folded into per-expert weights W + s B A, dense over all E experts (inference only:
+  ``freeze("folded")`` builds the folded constants).
+Every strategy ends in ``routing.combine`` (the one weighted sum over slots, fp32; model/precision.py);
+the result is cast to the activation dtype once.
 
 Shape legend: T tokens, K slots, P used (token, slot) pairs, E experts, D model width, F FFN width, r rank.
 """
@@ -24,7 +30,27 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from nextlocmoe.config import EXPERT_COMPUTE as STRATEGIES
+from nextlocmoe.config import EXPERT_COMPUTE_ALIASES as _ALIASES
+from nextlocmoe.model.routing import combine, combine_weights_TE, expert_counts
+
+
+def strategy_name(name: str) -> str:
+    """A compute strategy's name in the one vocabulary (older names accepted: dense/static/shared ->
+    masked, naive -> reference); ValueError naming the choices otherwise."""
+    name = _ALIASES.get(name, name)
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown expert compute {name!r}: one of {STRATEGIES}")
+    return name
+
+
+def slot_mask_TKE(ids_TK: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """One-hot [T, K, E] of each slot's expert, all-zero for an empty slot (id -1)."""
+    onehot = F.one_hot(ids_TK.clamp_min(0), num_experts).to(dtype)
+    return onehot * (ids_TK >= 0).unsqueeze(-1).to(dtype)
 
 
 class LoRAExpert(nn.Module):
@@ -66,6 +92,7 @@ class PersonaExperts(nn.Module):
     """E LoRA experts over one frozen base FFN (a HF ``LlamaMLP``-like module: gate/up/down_proj, act_fn).
 
     ``expert_ids`` are the global ids of the experts held here (all of them on a single device).
+    ``forward(x_TD, ids_TK, w_TK, strategy)`` -> y_TD = sum_k w_k expert_{ids_k}(x) by any ``STRATEGIES``.
     """
 
     def __init__(
@@ -85,7 +112,9 @@ class PersonaExperts(nn.Module):
         for ex, gid in zip(self.lora, self.expert_ids, strict=True):
             ex.reset(seed * 1_000_003 + gid)
         self.scaling = alpha / r
+        self.rank = r
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.frozen: dict[str, str] = {}  # ``freeze``: strategy -> built; constants are buffers
 
     @property
     def num_experts(self) -> int:
@@ -95,35 +124,45 @@ class PersonaExperts(nn.Module):
         """Stack one LoRA tensor over experts: e.g. 'gate_A' -> [E, r, D]."""
         return torch.stack([getattr(ex, name) for ex in self.lora])
 
-    # -- reference -------------------------------------------------------------------------------------
-    def forward_naive(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
-        """Reference math: each selected expert's full LoRA FFN on its tokens, weighted and summed."""
-        y_TD = torch.zeros_like(x_TD)
+    def forward(
+        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, strategy: str = "grouped"
+    ) -> torch.Tensor:
+        """x_TD [T, D], ids_TK [T, K] (-1 = empty slot), w_TK [T, K] -> y_TD [T, D] (x's dtype)."""
+        fn = {"grouped": self._grouped, "masked": self._masked, "folded": self._folded}.get(
+            strategy_name(strategy), self._reference
+        )
+        return fn(x_TD, ids_TK, w_TK)
+
+    # -- reference ---------------------------------------------------------------------------------------
+    def _reference(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+        """Each selected expert's full LoRA FFN on its tokens, then the combine."""
+        T, K = ids_TK.shape
+        y_TKD = x_TD.new_zeros(T * K, x_TD.shape[1])
         for e, ex in enumerate(self.lora):
             t_idx, k_idx = torch.nonzero(ids_TK == e, as_tuple=True)
-            if t_idx.numel() == 0:
-                continue
-            y = expert_ffn(self.base, ex, x_TD[t_idx], self.scaling, self.drop)
-            y_TD = y_TD.index_add(0, t_idx, y * w_TK[t_idx, k_idx].unsqueeze(-1).to(y.dtype))
-        return y_TD
+            if t_idx.numel():
+                y = expert_ffn(self.base, ex, x_TD[t_idx], self.scaling, self.drop)
+                y_TKD = y_TKD.index_copy(0, t_idx * K + k_idx, y)
+        return combine(y_TKD.view(T, K, -1), w_TK).to(x_TD.dtype)
 
     # -- shared base, grouped by expert (training) --------------------------------------------------------
-    def forward_grouped(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
-        """Shared-base compute over used pairs sorted by expert. Same result as ``forward_naive``."""
+    def _grouped(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+        """Shared-base compute over used pairs sorted by expert (split sizes: ``routing.expert_counts``)."""
         T, K = ids_TK.shape
-        base, s = self.base, self.scaling
+        E, base, s = self.num_experts, self.base, self.scaling
         flat_e = ids_TK.reshape(-1)
         used = torch.nonzero(flat_e >= 0, as_tuple=True)[0]
         e_P, order = torch.sort(flat_e[used], stable=True)
-        p_idx = used[order]
-        t_P, w_P = p_idx // K, w_TK.reshape(-1)[p_idx].float()  # combine weights: fp32
-        counts = torch.bincount(e_P, minlength=self.num_experts).tolist()  # host sync: training path only
-        xd_TD = self.drop(x_TD)
-        a_T2Er = xd_TD @ torch.cat([self.stacked("gate_A"), self.stacked("up_A")], 1).flatten(0, 1).t()
-        # Gathers below use index_select (backward: index_add) rather than advanced indexing, whose
-        # backward (index_put with accumulate) was ~15% of the layer's fwd+bwd on CPU.
-        a_P2r = a_T2Er.view(T * self.num_experts, -1).index_select(0, t_P * self.num_experts + e_P)  # [P, 2r]
-        r = a_P2r.shape[1] // 2
+        p_idx = used[order]  # flat (token, slot) index of each pair
+        t_P = p_idx // K
+        counts = expert_counts(ids_TK, E).long().tolist()  # host sync: the training path only
+        a_T2Er = (
+            self.drop(x_TD) @ torch.cat([self.stacked("gate_A"), self.stacked("up_A")], 1).flatten(0, 1).t()
+        )
+        # index_select (backward: index_add) rather than advanced indexing, whose backward (index_put with
+        # accumulate) was ~15% of the layer's fwd+bwd on CPU.
+        a_P2r = a_T2Er.view(T * E, -1).index_select(0, t_P * E + e_P)  # [P, 2r]
+        r = self.rank
         dg, du = [], []
         for ex, chunk in zip(self.lora, torch.split(a_P2r, counts), strict=True):
             dg.append(chunk[:, :r] @ ex.gate_B.t())
@@ -131,52 +170,94 @@ class PersonaExperts(nn.Module):
         g_PF = base.gate_proj(x_TD).index_select(0, t_P) + s * torch.cat(dg)
         u_PF = base.up_proj(x_TD).index_select(0, t_P) + s * torch.cat(du)
         h_PF = base.act_fn(g_PF) * u_PF
-        hw_TF = torch.zeros(T, h_PF.shape[1], dtype=torch.float32, device=h_PF.device)
-        hw_TF = hw_TF.index_add(0, t_P, h_PF.float() * w_P.unsqueeze(-1))  # sum over experts in fp32
-        y_TD = base.down_proj(hw_TF.to(x_TD.dtype)).float()
-        hd_PF, zs = self.drop(h_PF), []
-        for ex, h_chunk, w_chunk in zip(
-            self.lora, torch.split(hd_PF, counts), torch.split(w_P, counts), strict=True
-        ):
-            zs.append(
-                ((h_chunk @ ex.down_A.t()).float() * (s * w_chunk).unsqueeze(-1)) @ ex.down_B.t().float()
-            )
-        return y_TD.index_add(0, t_P, torch.cat(zs)).to(x_TD.dtype)  # cast once
+        zs = [
+            s * (h @ ex.down_A.t()) @ ex.down_B.t()
+            for ex, h in zip(self.lora, torch.split(self.drop(h_PF), counts), strict=True)
+        ]
 
-    # -- shared base, static shapes (export) ------------------------------------------------------------
-    def forward_static(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+        def slots(v_PX: torch.Tensor) -> torch.Tensor:  # pairs -> [T, K, X], zero on empty slots
+            return v_PX.new_zeros(T * K, v_PX.shape[1]).index_copy(0, p_idx, v_PX).view(T, K, -1)
+
+        y_TD = base.down_proj(combine(slots(h_PF), w_TK).to(x_TD.dtype)).float()
+        return (y_TD + combine(slots(torch.cat(zs)), w_TK)).to(x_TD.dtype)
+
+    # -- shared base, static shapes ----------------------------------------------------------------------
+    def _in_proj(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(G [T, F], U [T, F], low-rank gate/up inputs [T, 2, E*r]); one fused matmul once frozen."""
+        T = x_TD.shape[0]
+        if "masked" in self.frozen:
+            proj_TX = F.linear(x_TD, self.w_in_XD)
+            Fd = self.base.gate_proj.out_features
+            return proj_TX[:, :Fd], proj_TX[:, Fd : 2 * Fd], proj_TX[:, 2 * Fd :].view(T, 2, -1)
+        a_in = torch.cat([self.stacked("gate_A"), self.stacked("up_A")]).flatten(0, 1)  # [2Er, D]
+        a_T2Er = F.linear(self.drop(x_TD), a_in).view(T, 2, -1)
+        return self.base.gate_proj(x_TD), self.base.up_proj(x_TD), a_T2Er
+
+    def _masked_consts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(s B_gate/up [2, E*r, F], A_down [E*r, F], s B_down [E*r, D]): buffers once frozen."""
+        if "masked" in self.frozen:
+            return self.b_gu_2ErF, self.a_d_ErF, self.b_d_ErD
+        s = self.scaling
+        b_gu = torch.stack([self.stacked("gate_B"), self.stacked("up_B")])  # [2, E, F, r]
+        return (
+            s * b_gu.transpose(2, 3).flatten(1, 2),
+            self.stacked("down_A").flatten(0, 1),
+            s * self.stacked("down_B").transpose(1, 2).flatten(0, 1),
+        )
+
+    def _masked(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         """Shared-base compute with no data-dependent shapes or host syncs: each slot's low-rank input is
         one-hot-masked into the stacked [E*r] space and multiplied by all experts' B at once."""
         T, K = ids_TK.shape
-        E, base, s = self.num_experts, self.base, self.scaling
-        valid_TK = (ids_TK >= 0).to(x_TD.dtype)
-        mask_TKE = torch.nn.functional.one_hot(ids_TK.clamp_min(0), E).to(x_TD.dtype) * valid_TK.unsqueeze(-1)
-        xd_TD = self.drop(x_TD)
-        r = self.lora[0].gate_A.shape[0]
+        w_TK = w_TK * (ids_TK >= 0).to(w_TK.dtype)  # an empty slot: no output, no gradient
+        b_gu_2ErF, a_d_ErF, b_d_ErD = self._masked_consts()
+        Er, Fd = a_d_ErF.shape
+        mask_TKEr = slot_mask_TKE(ids_TK, self.num_experts, x_TD.dtype).repeat_interleave(self.rank, dim=-1)
+        g_TF, u_TF, a_T2Er = self._in_proj(x_TD)
+        a_2TKEr = a_T2Er.view(T, 1, 2, Er).permute(2, 0, 1, 3) * mask_TKEr.unsqueeze(0)
+        d_2TKF = (a_2TKEr.reshape(2, T * K, Er) @ b_gu_2ErF).view(2, T, K, Fd)
+        h_TKF = self.base.act_fn(g_TF.unsqueeze(1) + d_2TKF[0]) * (u_TF.unsqueeze(1) + d_2TKF[1])
+        y_TD = self.base.down_proj(combine(h_TKF, w_TK).to(x_TD.dtype)).float()
+        z_TKEr = F.linear(self.drop(h_TKF), a_d_ErF) * mask_TKEr
+        return (y_TD + combine(z_TKEr, w_TK) @ b_d_ErD.float()).to(x_TD.dtype)
 
-        def delta(a_name: str, b_name: str) -> torch.Tensor:  # [T, K, F]
-            a_TEr = (xd_TD @ self.stacked(a_name).flatten(0, 1).t()).view(T, 1, E, r)
-            a_TKEr = (a_TEr * mask_TKE.unsqueeze(-1)).flatten(2)
-            b_ErF = self.stacked(b_name).transpose(1, 2).flatten(0, 1)  # [E*r, F]
-            return a_TKEr @ b_ErF
+    # -- folded (inference) ------------------------------------------------------------------------------
+    def _folded(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+        """Dense over all E experts with folded weights: [T, D] @ [D, E*2F] -> act -> per-expert down
+        projection [T, E, D] -> combine with the dense [T, E] weights. No per-token gathers; cost ~E FFNs."""
+        if "folded" not in self.frozen:
+            raise RuntimeError("the folded expert compute needs freeze('folded') first (inference only)")
+        T, E = x_TD.shape[0], self.num_experts
+        gu_TE2F = F.linear(x_TD, self.w_gu_XD).view(T, E, 2, -1)
+        h_TEF = self.base.act_fn(gu_TE2F[:, :, 0]) * gu_TE2F[:, :, 1]
+        y_TED = torch.einsum("tef,edf->ted", h_TEF, self.w_d_EDF)
+        return combine(y_TED, combine_weights_TE(ids_TK, w_TK, E)).to(x_TD.dtype)
 
-        g_TKF = base.gate_proj(x_TD).unsqueeze(1) + s * delta("gate_A", "gate_B")
-        u_TKF = base.up_proj(x_TD).unsqueeze(1) + s * delta("up_A", "up_B")
-        h_TKF = base.act_fn(g_TKF) * u_TKF
-        w_TK1 = (w_TK.float() * valid_TK.float()).unsqueeze(-1)  # fp32; empty slots: no output, no gradient
-        y_TD = base.down_proj((h_TKF.float() * w_TK1).sum(1).to(x_TD.dtype)).float()
-        z_TKEr = (self.drop(h_TKF) @ self.stacked("down_A").flatten(0, 1).t()).view(T, K, E, r)
-        z_TEr = (z_TKEr.float() * (mask_TKE.float() * w_TK1 * s).unsqueeze(-1)).sum(1).flatten(1)
-        z_TD = z_TEr @ self.stacked("down_B").transpose(1, 2).flatten(0, 1).float()
-        return (y_TD + z_TD).to(x_TD.dtype)  # cast once
+    @torch.no_grad()
+    def freeze(self, strategy: str) -> None:
+        """Inference form for ``strategy`` (export): constants as buffers, built from the trained tensors.
+        masked: the base gate/up and every expert's low-rank gate/up inputs in one [2F + 2Er, D] matrix and
+        the pre-stacked, pre-scaled B; folded: W + s B A per expert, stacked."""
+        strategy = strategy_name(strategy)
+        base, s = self.base, self.scaling
+        if strategy == "masked":
+            if any(
+                getattr(m, "bias", None) is not None for m in (base.gate_proj, base.up_proj, base.down_proj)
+            ):
+                raise ValueError("the masked inference form expects a bias-free SwiGLU FFN (Llama family)")
+            consts = self._masked_consts()
+            a_in = torch.cat([self.stacked("gate_A"), self.stacked("up_A")]).flatten(0, 1)
+            w_in = torch.cat([base.gate_proj.weight, base.up_proj.weight, a_in])
+            for name, t in zip(("w_in_XD", "b_gu_2ErF", "a_d_ErF", "b_d_ErD"), (w_in, *consts), strict=True):
+                self.register_buffer(name, t.detach().clone().contiguous(), persistent=False)
+        elif strategy == "folded":
 
-    def forward(
-        self, x_TD: torch.Tensor, ids_TK: torch.Tensor, w_TK: torch.Tensor, mode: str = "grouped"
-    ) -> torch.Tensor:
-        if mode == "grouped":
-            return self.forward_grouped(x_TD, ids_TK, w_TK)
-        if mode in ("static", "dense"):
-            return self.forward_static(x_TD, ids_TK, w_TK)
-        if mode == "naive":
-            return self.forward_naive(x_TD, ids_TK, w_TK)
-        raise ValueError(f"unknown expert compute mode {mode!r}")
+            def fold(w_OI: torch.Tensor, a: str, b: str) -> torch.Tensor:  # -> [E, O, I]
+                return w_OI.unsqueeze(0) + s * self.stacked(b) @ self.stacked(a)
+
+            w_gu = torch.cat([fold(base.gate_proj.weight, "gate_A", "gate_B"),
+                              fold(base.up_proj.weight, "up_A", "up_B")], 1)  # fmt: skip
+            self.register_buffer("w_gu_XD", w_gu.flatten(0, 1).contiguous(), persistent=False)  # [E*2F, D]
+            self.register_buffer("w_d_EDF", fold(base.down_proj.weight, "down_A", "down_B").contiguous(),
+                                 persistent=False)  # fmt: skip
+        self.frozen[strategy] = strategy

@@ -15,7 +15,8 @@ import yaml
 
 from nextlocmoe.config import Config, config_from_dict
 from nextlocmoe.data.store import load_locations, load_manifest, load_stats, normalise_xy
-from nextlocmoe.model.nextlocmoe import DataInfo, NextLocMoE, build_model
+from nextlocmoe.model.build import TEXT_STATE, rebuild_model
+from nextlocmoe.model.nextlocmoe import DataInfo, NextLocMoE
 from nextlocmoe.model.safe_load import CheckpointReadError, safe_torch_load
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ def load_model_state(
     missing, unexpected = model.load_state_dict(state, strict=False)
     params = dict(model.named_parameters())
     trainable_missing = [k for k in missing if k in params and params[k].requires_grad and k not in skip]
+    trainable_missing += [k for k in missing if k.endswith(TEXT_STATE)]  # rebuilt models: text semantics
     if trainable_missing or unexpected:
         raise RunError(f"{ckpt_dir}: checkpoint does not match the model: missing trainable "
                        f"{trainable_missing[:5]}, unexpected {unexpected[:5]}")  # fmt: skip
@@ -218,13 +220,16 @@ def load_run(
         ckpt, state = readable_checkpoint(run_dir)
     stats_dir = cfg.data.dir if normalise == "source" else None
     info = data_info_from_dir(data_dir or cfg.data.dir, stats_dir)
-    model = build_model(cfg.model, info)
-    foreign = load_weights(model, ckpt, info, state)
-    model.location_transfer = None
+    if state is None:
+        state = read_model_state(ckpt)
+    foreign = cfg.model.heads.pointer or cfg.model.heads.scored
+    foreign = foreign and foreign_locations(state, info)
+    transfer = "per-location embedding term dropped (source-city embeddings)" if foreign else None
+    model = rebuild_model(cfg.model, info, transfer)
+    load_weights(model, ckpt, info, state)
     if foreign:
         with torch.no_grad():
             model.scored.loc_emb.weight.zero_()
             if hasattr(model.scored, "loc_bias"):  # pointer head: the source city's location bias too
                 model.scored.loc_bias.weight.zero_()
-        model.location_transfer = "per-location embedding term dropped (source-city embeddings)"
     return cfg, model.eval(), info

@@ -3,7 +3,9 @@ MoE on the current window -> [prompt ; history ; current] through a frozen Llama
 FFNs are Personalized MoEs -> coordinate, duration and candidate-scoring heads.
 
 Returns predictions and an explicit ``ModelAux`` (routing outputs of both MoE levels); the loss is
-assembled in ``loss.py`` only.
+assembled in ``loss.py`` only. Construction reads no file and runs no text encoder: the decoder, the prompt
+ids, the text semantics and the QT-Mob codes come in as ``Pretrained`` parts (model/build.py loads them;
+a checkpoint rebuild gets zero text placeholders that the checkpoint's buffers and parameters replace).
 
 Shape legend: B batch, H history records, C current records, Pn prompt tokens, S = Pn + H + C,
 R = d_rec, L = d_loc, D = d_model, Nl known locations.
@@ -16,23 +18,23 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from nextlocmoe.batch_keys import POINTER_KEYS
 from nextlocmoe.config import ModelConfig
-from nextlocmoe.data.store import POINTER_KEYS
-from nextlocmoe.model import text
-from nextlocmoe.model.backbone import load_backbone, prompt_token_ids, swap_ffns
+from nextlocmoe.model.backbone import swap_ffns
 from nextlocmoe.model.embedding import HistoryEncoder, RecordEmbedding
 from nextlocmoe.model.heads import PointHeads, ScoredHead
-from nextlocmoe.model.personal_moe import PersonalMoE
+from nextlocmoe.model.layout import sequence_mask
+from nextlocmoe.model.personal_moe import PersonalMoE, RoutingContext
 from nextlocmoe.model.pointer import PointerScoredHead
+from nextlocmoe.model.qtmob import QTMob
 from nextlocmoe.model.routing import RoutingAux, combine_weights_TE
 from nextlocmoe.model.semantic_moe import SemanticMoE, time_prior_table
-from nextlocmoe.tokens.model import QTMob
 
 MODEL_INPUTS = (
     "hist_xy", "hist_weekday", "hist_hour", "hist_dur", "hist_mask",
     "cur_xy", "cur_weekday", "cur_hour", "cur_dur", "hist_loc", "cur_loc",
 )  # fmt: skip
-POINTER_INPUTS = POINTER_KEYS  # the pointer window and query time (data/store.py)
+POINTER_INPUTS = POINTER_KEYS  # the pointer window and query time (batch_keys.py)
 
 
 @dataclass
@@ -47,6 +49,19 @@ class DataInfo:
     @property
     def num_locations(self) -> int:
         return int(self.loc_xy_norm.shape[0])
+
+
+@dataclass
+class Pretrained:
+    """What a model is built from besides its config: loaded by ``model/build.py`` (the only I/O)."""
+
+    decoder: nn.Module  # Llama-family decoder, truncated and frozen (backbone.load_backbone)
+    prompt_ids: torch.Tensor  # [Pn] token ids of the task prompt
+    category_EP: torch.Tensor  # [Es, P] function-category text embeddings (seed the semantic experts)
+    persona_EP: torch.Tensor  # [E, P] persona text embeddings (the persona routers' fixed term)
+    slot_NP: torch.Tensor | None = None  # [168, P] visit-time slot texts (semantic time prior) or None
+    codes: torch.Tensor | None = None  # [Nl, Lv] QT-Mob location codes or None
+    location_transfer: str | None = None  # set by io.load_run for a foreign location table
 
 
 @dataclass
@@ -72,37 +87,33 @@ class ModelAux:
 
 
 class NextLocMoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, info: DataInfo) -> None:
+    def __init__(self, cfg: ModelConfig, info: DataInfo, pre: Pretrained) -> None:
         super().__init__()
         self.cfg = cfg
         ec = cfg.embed
-        self.decoder, tokenizer = load_backbone(cfg.backbone)
+        self.decoder = pre.decoder
         d_model = self.decoder.config.hidden_size
-        emb = self.decoder.embed_tokens
         self.rec = RecordEmbedding(ec)
         self.history = HistoryEncoder(ec.d_rec, ec.tcn_levels, ec.tcn_kernel)
-        cat_EP = text.embed_texts(text.category_texts(), cfg.text_encoder, tokenizer, emb)
         sm = cfg.semantic_moe
         prior_NE = None
-        if sm.enabled and sm.time_prior > 0:
-            slot_NP = text.embed_texts(text.time_slot_texts(), cfg.text_encoder, tokenizer, emb)
-            prior_NE = sm.time_prior * time_prior_table(slot_NP, cat_EP)
+        if sm.enabled and sm.time_prior > 0 and pre.slot_NP is not None:
+            prior_NE = sm.time_prior * time_prior_table(pre.slot_NP, pre.category_EP)
         self.semantic = (
-            SemanticMoE(cat_EP, ec.d_loc, ec.d_rec, sm.router_hidden, sm.top_k, prior_NE)
+            SemanticMoE(pre.category_EP, ec.d_loc, ec.d_rec, sm.router_hidden, sm.top_k, prior_NE)
             if sm.enabled
             else None
         )
-        persona_EP = text.embed_texts(
-            text.persona_texts(cfg.personal_moe.num_experts), cfg.text_encoder, tokenizer, emb
-        )
+        self.routing = RoutingContext()  # this model's per-forward routing scope (personal_moe.py)
         seed = cfg.backbone.seed
         swap_ffns(
             self.decoder,
             cfg.moe_layers(),
-            lambda mlp, i: PersonalMoE(mlp, cfg.personal_moe, persona_EP, ec.d_rec, i, seed),
+            lambda mlp, i: PersonalMoE(
+                mlp, cfg.personal_moe, pre.persona_EP, ec.d_rec, i, self.routing, seed
+            ),
         )
-        ids = prompt_token_ids(cfg.prompt, tokenizer, self.decoder.config.vocab_size)
-        self.register_buffer("prompt_ids", ids, persistent=False)
+        self.register_buffer("prompt_ids", pre.prompt_ids.long().clone(), persistent=False)
         self.proj_hist = nn.Linear(ec.d_rec, d_model)
         self.proj_cur = nn.Linear(ec.d_rec, d_model)
         self.bypass = nn.Linear(2 * ec.d_rec, d_model) if cfg.backbone.bypass else None
@@ -118,8 +129,8 @@ class NextLocMoE(nn.Module):
         elif hc.scored:
             self.scored = ScoredHead(d_model, info.loc_xy_norm, hc.d_loc_emb)
         tk = cfg.tokens  # QT-Mob (docs/QTMOB.md), off by default
-        wants = tk.enabled or tk.gen_head or tk.recovery
-        self.qtmob = QTMob(cfg, info.num_locations, d_model) if wants else None
+        self.qtmob = QTMob(cfg, pre.codes, d_model) if tk.enabled or tk.gen_head or tk.recovery else None
+        self.location_transfer = pre.location_transfer
 
     @property
     def pointer_window(self) -> int:
@@ -163,9 +174,9 @@ class NextLocMoE(nn.Module):
             out["semantic"] = balance_routers([pair], rate_s, reduce)
         return out
 
-    def moe_layers(self) -> list[nn.Module]:
-        """The personalized MoE modules (any implementation exposing ``bind``), in layer order."""
-        return [layer.mlp for layer in self.decoder.layers if hasattr(layer.mlp, "bind")]
+    def moe_layers(self) -> list[PersonalMoE]:
+        """The personalized MoE layers, in layer order (whatever their dispatcher)."""
+        return [m for m in self.decoder.modules() if isinstance(m, PersonalMoE)]
 
     def encode_current(
         self, batch: dict[str, torch.Tensor], h_BR: torch.Tensor
@@ -199,23 +210,14 @@ class NextLocMoE(nn.Module):
             [prompt.unsqueeze(0).expand(B, -1, -1).to(rec_hist.dtype), self.proj_hist(rec_hist),
              self.proj_cur(rec_cur)], dim=1,
         )  # fmt: skip
-        mask_BS = torch.cat(
-            [torch.ones(B, Pn, dtype=torch.long, device=x_BSD.device), batch["hist_mask"].long(),
-             torch.ones(B, C, dtype=torch.long, device=x_BSD.device)], dim=1,
-        )  # fmt: skip
-        sink: list[RoutingAux] = []
+        mask_BS = sequence_mask(batch["hist_mask"], Pn, C).long()
         if self.bypass is not None:  # ablation: no decoder, no personalized MoE
             return self.predict(torch.nn.functional.gelu(self.bypass(torch.cat([h_BR, rec_cur[:, -1]], -1))),
-                                batch, sink, sem_aux)  # fmt: skip
-        for moe in self.moe_layers():
-            moe.bind(h_BR, sink)
-        try:
+                                batch, [], sem_aux)  # fmt: skip
+        with self.routing.scope(h_BR) as records:
             hidden = self.decoder(inputs_embeds=x_BSD, attention_mask=mask_BS).last_hidden_state
-        finally:  # drop the per-forward bindings so the sink's graph is not kept alive by the layers
-            for moe in self.moe_layers():
-                moe.bind(None, None)
-        assert len(sink) == len(self.moe_layers()) and H + C + Pn == x_BSD.shape[1]
-        return self.predict(hidden[:, -1], batch, sink, sem_aux)
+        assert len(records) == len(self.moe_layers()) and H + C + Pn == x_BSD.shape[1]
+        return self.predict(hidden[:, -1], batch, records, sem_aux)
 
     def predict(
         self, h_last: torch.Tensor, batch: dict[str, torch.Tensor], sink: list[RoutingAux], sem_aux
@@ -234,7 +236,3 @@ class NextLocMoE(nn.Module):
             code_logits, code_targets = self.qtmob.code_logits(h_last, batch["target_loc"])
         focus = batch["cur_xy"].shape[1] if self.cfg.personal_moe.balance_scope == "current" else 0
         return Predictions(xy, dur, scores, code_logits, code_targets, h_last), ModelAux(sem_aux, sink, focus)
-
-
-def build_model(cfg: ModelConfig, info: DataInfo) -> NextLocMoE:
-    return NextLocMoE(cfg, info)

@@ -149,19 +149,47 @@ def positional_imbalance(probs_BSE: torch.Tensor) -> torch.Tensor:
     return math.log(E) + (p_SE * torch.log(p_SE.clamp_min(1e-12))).sum(-1).mean()
 
 
+def expert_counts(ids_TK: torch.Tensor, num_experts: int, mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """THE expert count: used (token, slot) pairs per expert, [E] float32 on ids' device, detached. Empty
+    slots (id -1) and tokens with ``mask_T`` False (padding) are not counted. Used by balancing
+    (``balance.py``), the load-balancing loss, the grouped experts' split sizes, DeepSpeed's ``exp_counts``,
+    training monitoring and ``explain``."""
+    ids = ids_TK.detach()
+    if mask_T is not None:
+        ids = ids[mask_T.to(ids.device)]
+    ids = ids[ids >= 0].long()
+    return torch.bincount(ids, minlength=num_experts).to(torch.float32)
+
+
 def expert_load(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Fraction of used slots routed to each expert, [E] float; all zeros if nothing is routed."""
-    valid = ids_TK >= 0
-    counts = torch.zeros(num_experts, dtype=torch.float32, device=ids_TK.device)
-    counts.index_add_(0, ids_TK[valid].long(), torch.ones_like(ids_TK[valid], dtype=torch.float32))
+    counts = expert_counts(ids_TK, num_experts)
     return counts / counts.sum().clamp_min(1.0)
 
 
+def load_balancing_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Switch/GShard load-balancing loss E * sum_e mean_t(p_te) * frac_e, frac_e = counts_E / sum(counts_E)
+    (share of used (token, slot) pairs on expert e, no gradient). 1.0 when perfectly balanced."""
+    E = probs_TE.shape[-1]
+    frac_E = counts_E.detach().float() / counts_E.sum().clamp_min(1).float()
+    return E * torch.sum(probs_TE.float().mean(0) * frac_E)
+
+
 def combine_weights_TE(ids_TK: torch.Tensor, w_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Dense [T, E] weight matrix from the slot contract (0 where an expert is not selected).
-    Static-shape (one-hot sum), used by the dense/export compute and by tests."""
+    """Dense [T, E] weight matrix from the slot contract (0 where an expert is not selected; an empty slot
+    contributes nothing, not even a gradient). Static-shape (one-hot sum): the folded experts, the pointer's
+    routing mix and tests."""
     onehot_TKE = F.one_hot(ids_TK.clamp_min(0), num_experts).to(w_TK.dtype)
-    return (onehot_TKE * w_TK.unsqueeze(-1)).sum(1)
+    valid_TK = (ids_TK >= 0).to(w_TK.dtype)
+    return (onehot_TKE * (w_TK * valid_TK).unsqueeze(-1)).sum(1)
+
+
+def combine(v_TKX: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+    """THE combine of every MoE path: sum_k w_k v_k over the K slots (or E experts) of each token, in fp32
+    whatever the activation dtype (model/precision.py: bf16 weights below 2^-8 of the largest would vanish),
+    [T, X] fp32; the caller casts once. v_TKX [T, K, X] per-slot values (zero or any value on an empty slot:
+    its weight is 0), w_TK [T, K]."""
+    return (v_TKX.float() * w_TK.float().unsqueeze(-1)).sum(1)
 
 
 class MLPRouter(nn.Module):
@@ -185,7 +213,10 @@ class MLPRouter(nn.Module):
 
 
 class HistoryAwareRouter(nn.Module):
-    """NextLocMoE's history-aware persona router: logit_e(t) = v . gelu(W [x_t ; h_hist ; p_e] + b).
+    """NextLocMoE's history-aware persona router: logit_e(t) = v . gelu(W [x_t ; h_hist ; p_e] + b), then
+    top-k / threshold selection (``select``). THE router of every MoE path: the local layer, the
+    expert-parallel layer (train/parallel.py) and the frozen export (``freeze``: inference mode) call
+    ``route``; nothing else computes router logits.
 
     The first layer is split by input block (W = [W_x, W_h, W_p]) so the [T, E, H] pre-activation is a sum
     of a token term, a history term and a per-expert persona term: the same function, no [T, E, D+C+P]
@@ -193,25 +224,46 @@ class HistoryAwareRouter(nn.Module):
     The router always computes in fp32 (an fp16/bf16 router flips expert choices).
     """
 
-    def __init__(self, d_model: int, d_ctx: int, persona_EP: torch.Tensor, hidden: int) -> None:
+    def __init__(self, d_model: int, d_ctx: int, persona_EP: torch.Tensor, cfg) -> None:
+        """``cfg``: a ``PersonalMoEConfig`` (router_hidden, routing, top_k, tau, k_max, renormalize)."""
         super().__init__()
+        self.cfg = cfg
+        hidden = cfg.router_hidden
         self.register_buffer("persona_EP", persona_EP.detach().float().clone(), persistent=True)
         self.register_buffer("sel_bias_E", torch.zeros(persona_EP.shape[0]), persistent=True)  # balance.py
         self.w_x = nn.Linear(d_model, hidden, bias=True)
         self.w_h = nn.Linear(d_ctx, hidden, bias=False)
         self.w_p = nn.Linear(persona_EP.shape[1], hidden, bias=False)
         self.v = nn.Linear(hidden, 1, bias=False)
+        self.register_buffer("per_EH", None, persistent=False)  # inference mode (``freeze``): W_p p_e
 
     @property
     def num_experts(self) -> int:
         return int(self.persona_EP.shape[0])
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Inference mode (export): the persona term W_p p_e becomes a constant [E, H] buffer, so the
+        exported graph holds no persona encoder; the math of ``forward`` is otherwise unchanged."""
+        self.per_EH = linear32(self.w_p, self.persona_EP).detach().clone()
 
     def forward(self, x_TD: torch.Tensor, ctx_TC: torch.Tensor) -> torch.Tensor:
         """x_TD [T, D] token states, ctx_TC [T, C] history vector per token -> probs_TE [T, E] fp32.
         Weights and inputs are used in fp32 even when the module was cast to bf16/fp16."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             tok_TH = linear32(self.w_x, x_TD) + linear32(self.w_h, ctx_TC)
-            per_EH = linear32(self.w_p, self.persona_EP)
-            pre_TEH = F.gelu(tok_TH.unsqueeze(1) + per_EH.unsqueeze(0))
+            per_EH = self.per_EH if self.per_EH is not None else linear32(self.w_p, self.persona_EP)
+            pre_TEH = F.gelu(tok_TH.unsqueeze(1) + per_EH.float().unsqueeze(0))
             logits_TE = linear32(self.v, pre_TEH).squeeze(-1)
             return torch.softmax(logits_TE, dim=-1)
+
+    def route(
+        self, x_TD: torch.Tensor, ctx_TC: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router + selection (the routing contract): probs_TE [T, E], ids_TK [T, K] (-1 empty), w_TK [T, K]
+        fp32. The balancing bias orders the selection only (``_sorted_desc``)."""
+        c = self.cfg
+        probs_TE = self(x_TD, ctx_TC)
+        scale_E = self.sel_bias_E.float().exp()
+        ids_TK, w_TK = select(probs_TE, c.routing, c.top_k, c.tau, c.k_max, c.renormalize, scale_E)
+        return probs_TE, ids_TK, w_TK

@@ -28,7 +28,7 @@ def project_text_to_weights(text_EP: torch.Tensor, d_loc: int, seed: int = 0) ->
     proj = torch.randn(P, d_loc * 2, generator=gen) / math.sqrt(P)
     text = torch.nn.functional.normalize(text_EP.float(), dim=-1)
     w = (text @ proj).view(-1, d_loc, 2)
-    return w / w.flatten(1).std(dim=1).view(-1, 1, 1) / math.sqrt(3 * 2)
+    return w / w.flatten(1).std(dim=1).clamp_min(1e-12).view(-1, 1, 1) / math.sqrt(3 * 2)
 
 
 def time_prior_table(slot_NP: torch.Tensor, text_EP: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,8 @@ import torch
 from nextlocmoe.data.layout import load_locations
 from nextlocmoe.eval.metrics import ranking_metrics
 from nextlocmoe.geo import haversine_m
+from nextlocmoe.model.trie import beam_ranks
 from nextlocmoe.tokens.recovery import eval_positions, mask_batch
-from nextlocmoe.tokens.trie import beam_ranks
 
 TASKS = ("next", "recovery")
 

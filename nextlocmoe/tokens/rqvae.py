@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from nextlocmoe.data.layout import RECORD_COLUMNS, load_locations, load_manifest
+from nextlocmoe.model.qtmob import load_codes  # noqa: F401 - the codes file reader, re-exported
 
 MAX_CATEGORIES = 63
 GROUP_WEIGHTS = {"category": 1.0, "coords": 2.0, "profile": 1.0, "popularity": 0.5}
@@ -207,18 +208,3 @@ def tokenize(data_dir: str | Path, s: TokenizerSettings, log=None) -> dict:
               "seconds": time.perf_counter() - t0}  # fmt: skip
     (data_dir / "tokenizer_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-def load_codes(path: str | Path, num_locations: int | None = None) -> torch.Tensor:
-    """location_codes.json -> [N, Lv] int64 (row = dense location id); checks completeness and uniqueness."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no location codes (run `nextlocmoe tokenize --data DIR` first)")
-    raw = json.loads(path.read_text())
-    n = len(raw) if num_locations is None else num_locations
-    if sorted(int(k) for k in raw) != list(range(n)):
-        raise ValueError(f"{path}: codes must cover location ids 0..{n - 1} exactly ({len(raw)} given)")
-    codes = torch.tensor([raw[str(i)] for i in range(n)], dtype=torch.long)
-    if len(torch.unique(codes, dim=0)) != n:
-        raise ValueError(f"{path}: code tuples are not unique")
-    return codes

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from nextlocmoe.model.build import build_model
 from nextlocmoe.model.io import load_run, load_run_config
-from nextlocmoe.model.nextlocmoe import build_model
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]

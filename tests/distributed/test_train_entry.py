@@ -240,9 +240,9 @@ def test_fine_tune_from_another_ep_size(nyc: Path, reference: Path, tmp_path: Pa
     """``train.init_from=<the ep_size=2 run>`` on one rank at ep_size=1: a new run (steps from 1, fresh
     optimizer) that starts from the reference's final weights, so its first logged loss is the reloaded
     single-device model's loss on the same first batch."""
+    from nextlocmoe.model.build import build_model
     from nextlocmoe.model.io import load_run_config
     from nextlocmoe.model.loss import compute_loss
-    from nextlocmoe.model.nextlocmoe import build_model
     from train.loop import Dist, StepBatches
 
     args = job(nyc, tmp_path, "ft", "train.ep_size=1", f"train.init_from={reference}", "train.steps=2")

@@ -73,8 +73,8 @@ def make_run(root: Path) -> Path:
     DeepSpeed-layout checkpoints step1 and step2 (``mp_rank_00_model_states.pt`` with ``module``)."""
     from nextlocmoe.config import load_config, save_config
     from nextlocmoe.data.prepare import prepare
+    from nextlocmoe.model.build import build_model
     from nextlocmoe.model.io import data_info_from_dir
-    from nextlocmoe.model.nextlocmoe import build_model
 
     data, run = root / "data", root / "run"
     prepare("fsq-nyc", make_fsq_nyc(root / "src", n_users=4, per_user=30), data, history=6, current=3)

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.integration
 
 def _fake_run(data_dir: Path, run_dir: Path) -> None:
     from nextlocmoe.config import load_config, save_config
+    from nextlocmoe.model.build import build_model
     from nextlocmoe.model.io import CONSOLIDATED, data_info_from_dir
-    from nextlocmoe.model.nextlocmoe import build_model
 
     cfg = load_config(ROOT / "configs" / "debug.yaml", [f"data.dir={data_dir}"])
     torch.manual_seed(0)

@@ -22,8 +22,8 @@ def _fake_run(data_dir: Path, run_dir: Path) -> None:
     """A run folder as training writes it (config.yaml + a complete consolidated checkpoint), with
     perturbed LoRA/router weights so experts differ (no training needed)."""
     from nextlocmoe.config import load_config, save_config
+    from nextlocmoe.model.build import build_model
     from nextlocmoe.model.io import CONSOLIDATED, data_info_from_dir
-    from nextlocmoe.model.nextlocmoe import build_model
 
     cfg = load_config(ROOT / "configs" / "debug.yaml", [f"data.dir={data_dir}"])
     model = build_model(cfg.model, data_info_from_dir(data_dir))

@@ -9,9 +9,9 @@ import torch
 from nextlocmoe.config import load_config
 from nextlocmoe.data.prepare import prepare
 from nextlocmoe.data.store import TrajectoryDataset, collate
+from nextlocmoe.model.build import build_model
 from nextlocmoe.model.io import data_info_from_dir
 from nextlocmoe.model.loss import compute_loss, distance_m
-from nextlocmoe.model.nextlocmoe import build_model
 from tests.conftest import SHARED_DATA
 
 pytestmark = pytest.mark.integration

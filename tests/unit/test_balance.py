@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from nextlocmoe.eval.routing_stats import layer_stats, mi_permutation_test, mutual_information
-from nextlocmoe.model.balance import balance_routers, slot_counts, update_bias
-from nextlocmoe.model.routing import RoutingAux, marginal_imbalance, positional_imbalance, select
+from nextlocmoe.model.balance import balance_routers, update_bias
+from nextlocmoe.model.routing import (
+    RoutingAux,
+    expert_counts,
+    marginal_imbalance,
+    positional_imbalance,
+    select,
+)
 
 E = 4
 
@@ -25,13 +31,13 @@ def test_balancer_moves_a_collapsed_router_to_uniform(mode: str) -> None:
     probs = _collapsed_probs()
     bias = torch.zeros(E)
     ids0, _ = select(probs, mode, 1 if mode == "topk" else 2, 0.6, 3, scale_E=bias.exp())
-    load0 = slot_counts(ids0, E) / slot_counts(ids0, E).sum()
+    load0 = expert_counts(ids0, E) / expert_counts(ids0, E).sum()
     assert load0[0] > 0.8 and load0[2:].sum() < 0.05  # collapsed at the start
     for _ in range(400):
         ids, w = select(probs, mode, 1 if mode == "topk" else 2, 0.6, 3, scale_E=bias.exp())
         aux = RoutingAux(probs, ids, w, torch.zeros(()))
         balance_routers([(bias, [aux])], rate=0.02)
-    c = slot_counts(ids, E)
+    c = expert_counts(ids, E)
     load = c / c.sum()
     assert load.min() >= 0.5 / E, load  # every expert at least half its fair share
     assert load.max() <= 1.5 / E, load

@@ -262,13 +262,14 @@ def test_expert_stats() -> None:
 
 
 def test_padding_tokens_excluded_from_load() -> None:
-    from train.monitor import layer_counts, token_mask
+    from nextlocmoe.model.routing import expert_counts
+    from train.monitor import token_mask
 
     batch = {"hist_mask": torch.tensor([[1, 0], [1, 1]]), "cur_xy": torch.zeros(2, 1, 2)}
     mask = token_mask(batch, tokens=2 * 4)  # S = 1 prompt + 2 history + 1 current
     assert mask.tolist() == [True, True, False, True, True, True, True, True]
     ids = torch.tensor([[0], [1], [2], [0], [0], [0], [0], [0]])
-    assert layer_counts(ids, 3, mask).tolist() == [6.0, 1.0, 0.0]  # the padded token's expert 2 not counted
+    assert expert_counts(ids, 3, mask).tolist() == [6.0, 1.0, 0.0]  # the padded token's expert 2 not counted
 
 
 def test_capacity_factor_drops_tokens() -> None:

@@ -10,7 +10,7 @@ from nextlocmoe.config import ConfigError, config_from_dict, config_to_dict, loa
 def test_debug_and_reference_flavours_load() -> None:
     d = load_config("configs/debug.yaml")
     r = load_config("configs/reference.yaml")
-    assert d.model.flavour == "debug" and d.model.backbone.path is None
+    assert d.model.backbone.path is None
     pm = r.model.personal_moe
     assert (pm.num_experts, pm.start_layer, pm.every, pm.lora_r, pm.tau, pm.k_max) == (11, 8, 2, 16, 0.8, 5)
     assert r.model.backbone.num_layers == 12 and r.loss.entropy_weight == 300.0
@@ -65,3 +65,13 @@ def test_resolved_config_round_trip(tmp_path) -> None:
     save_config(c, tmp_path / "config.yaml")
     c2 = load_config(tmp_path / "config.yaml")
     assert config_to_dict(c2) == config_to_dict(c) and config_from_dict(config_to_dict(c)) == c
+
+
+def test_removed_keys_of_older_runs_are_dropped_and_compute_names_unified() -> None:
+    """model.flavour / data.num_workers (read by nothing) load from an older run's config.yaml and are
+    dropped; the older expert-compute names map to the one vocabulary (model/experts.py)."""
+    c = load_config(None, ["model.flavour=debug", "data.num_workers=2", "model.personal_moe.compute=dense"])
+    assert not hasattr(c.model, "flavour") and not hasattr(c.data, "num_workers")
+    assert c.model.personal_moe.compute == "masked"
+    with pytest.raises(ConfigError, match="grouped|masked"):
+        load_config(None, ["model.personal_moe.compute=folded"])  # inference form only

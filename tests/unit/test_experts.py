@@ -34,7 +34,7 @@ def run(ex: PersonaExperts, mode: str, x: torch.Tensor, ids: torch.Tensor, w: to
     x = x.clone().requires_grad_(True)
     w = w.clone().requires_grad_(True)
     ex.zero_grad()
-    y = ex(x, ids, w, mode=mode)
+    y = ex(x, ids, w, mode)
     (y * torch.linspace(-1, 1, y.shape[1])).sum().backward()
     grads = [p.grad.clone() for p in ex.lora.parameters()]
     return y.detach(), x.grad, w.grad, grads

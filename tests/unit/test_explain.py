@@ -175,8 +175,8 @@ def test_plots_written(raw, tmp_path) -> None:
 
 def test_collect_routing_is_the_models_raw_aux(debug_cfg, prepared_fsq) -> None:
     from nextlocmoe.data.store import TrajectoryDataset, collate
+    from nextlocmoe.model.build import build_model
     from nextlocmoe.model.io import data_info_from_dir
-    from nextlocmoe.model.nextlocmoe import build_model
 
     torch.manual_seed(0)
     model = build_model(debug_cfg.model, data_info_from_dir(prepared_fsq)).eval()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from export.freeze import FrozenPersonalMoE
+from export.freeze import freeze_moe_layers
 from export.onnx_io import OnnxInputError, OrtSession, export_onnx
 from export.trt import tensorrt_unavailable
 from tests.unit.test_export_freeze import make_moe, tiny_llama
@@ -25,15 +25,15 @@ class LayerStack(nn.Module):
         moe = make_moe(self.llama.layers[1].mlp, routing)
         if bias is not None:  # a balancing bias (model/balance.py): frozen into the graph as a constant
             moe.router.sel_bias_E.copy_(torch.tensor(bias))
-        self.llama.layers[1].mlp = FrozenPersonalMoE(moe, "shared")
+        freeze_moe_layers(moe, "masked")
+        self.llama.layers[1].mlp = moe
 
     def forward(
         self, x_BSD: torch.Tensor, mask_BS: torch.Tensor, ctx_BC: torch.Tensor
     ) -> tuple[torch.Tensor]:
-        sink: list = []
-        self.llama.layers[1].mlp.bind(ctx_BC, sink)
-        h = self.llama(inputs_embeds=x_BSD, attention_mask=mask_BS).last_hidden_state
-        return h[:, -1], sink[0].ids_TK
+        with self.llama.layers[1].mlp.context.scope(ctx_BC) as records:
+            h = self.llama(inputs_embeds=x_BSD, attention_mask=mask_BS).last_hidden_state
+        return h[:, -1], records[0].ids_TK
 
 
 def _inputs(B: int, seed: int) -> tuple[torch.Tensor, ...]:

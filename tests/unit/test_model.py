@@ -10,8 +10,9 @@ import torch
 
 from nextlocmoe.config import Config, load_config
 from nextlocmoe.model import text
+from nextlocmoe.model.build import build_model
 from nextlocmoe.model.loss import compute_loss
-from nextlocmoe.model.nextlocmoe import DataInfo, build_model
+from nextlocmoe.model.nextlocmoe import DataInfo
 from nextlocmoe.model.personal_moe import PersonalMoE
 from nextlocmoe.model.semantic_moe import project_text_to_weights
 from tests.unit.conftest import random_batch

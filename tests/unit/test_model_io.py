@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from nextlocmoe.model.build import build_model
 from nextlocmoe.model.io import CONSOLIDATED, LOCATION_KEYS, RunError, checkpoint_dir, load_weights
-from nextlocmoe.model.nextlocmoe import DataInfo, build_model
+from nextlocmoe.model.nextlocmoe import DataInfo
 
 
 def _checkpoint(model: torch.nn.Module, root: Path, step: int = 3) -> Path:

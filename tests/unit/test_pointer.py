@@ -10,8 +10,8 @@ import torch
 
 from nextlocmoe.data.store import POINTER_KEYS, TrajectoryDataset, collate
 from nextlocmoe.eval.baselines import BaselineModel, _load_records
+from nextlocmoe.model.build import build_model
 from nextlocmoe.model.io import data_info_from_dir
-from nextlocmoe.model.nextlocmoe import build_model
 from nextlocmoe.model.pointer import PointerScoredHead, slot_features
 from tests.unit.conftest import random_batch
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from nextlocmoe.config import Config
+from nextlocmoe.model.build import build_model
 from nextlocmoe.model.loss import compute_loss
-from nextlocmoe.model.nextlocmoe import DataInfo, build_model
+from nextlocmoe.model.nextlocmoe import DataInfo
 from nextlocmoe.model.precision import cast_parameters  # as DeepSpeed 0.19.8 bf16: params, not buffers
 from tests.unit.conftest import random_batch
 
@@ -89,6 +90,6 @@ def test_combine_weights_and_the_sum_over_experts_are_fp32(mode: str) -> None:
     w_rounded = w.bfloat16().float()
     assert not torch.equal(w, w_rounded)
     with torch.no_grad():
-        y, y_rounded = ex(x, ids, w, mode=mode), ex(x, ids, w_rounded, mode=mode)
+        y, y_rounded = ex(x, ids, w, mode), ex(x, ids, w_rounded, mode)
     assert y.dtype == torch.bfloat16
     assert (y != y_rounded).float().mean() > 0.05  # the fp32 weights reach the output

@@ -11,9 +11,9 @@ import torch
 from nextlocmoe.config import Config
 from nextlocmoe.data.store import TrajectoryDataset, collate
 from nextlocmoe.eval.evaluate import evaluate_model
+from nextlocmoe.model.build import build_model
 from nextlocmoe.model.io import data_info_from_dir
 from nextlocmoe.model.loss import compute_loss
-from nextlocmoe.model.nextlocmoe import build_model
 from nextlocmoe.tokens.evaluation import task_batch
 from nextlocmoe.tokens.recovery import eval_positions, mask_batch, mix_recovery, recovery_baselines
 from nextlocmoe.tokens.rqvae import TokenizerSettings, tokenize

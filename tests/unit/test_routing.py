@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from nextlocmoe.config import PersonalMoEConfig
 from nextlocmoe.model.routing import (
     HistoryAwareRouter,
     combine_weights_TE,
@@ -78,7 +79,8 @@ def test_load_and_combine() -> None:
 
 def test_history_aware_router_uses_history_and_personas() -> None:
     torch.manual_seed(0)
-    r = HistoryAwareRouter(d_model=8, d_ctx=6, persona_EP=torch.randn(5, 10), hidden=16)
+    cfg = PersonalMoEConfig(num_experts=5, router_hidden=16, top_k=2)
+    r = HistoryAwareRouter(8, 6, torch.randn(5, 10), cfg)
     x, ctx = torch.randn(4, 8), torch.randn(4, 6)
     p = r(x, ctx)
     assert p.shape == (4, 5) and p.dtype == torch.float32

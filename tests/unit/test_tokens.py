@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from nextlocmoe.config import Config, ConfigError, load_config
+from nextlocmoe.model.build import build_model
 from nextlocmoe.model.loss import compute_loss
-from nextlocmoe.model.nextlocmoe import DataInfo, build_model
+from nextlocmoe.model.nextlocmoe import DataInfo
+from nextlocmoe.model.trie import CodeTrie, beam_ranks, beam_search
 from nextlocmoe.tokens.rqvae import (
     TokenizerSettings,
     add_collision_level,
@@ -21,7 +23,6 @@ from nextlocmoe.tokens.rqvae import (
     tokenize,
     train_tokenizer,
 )
-from nextlocmoe.tokens.trie import CodeTrie, beam_ranks, beam_search
 from tests.unit.conftest import ROOT, random_batch
 
 L = 50

@@ -7,19 +7,36 @@ embedding, and the generative code head. Owned by ``NextLocMoE.qtmob`` (None unl
   as their whole location part instead.
 - Head: s_0 = W h_last; level l logits = out_l(LayerNorm(s_0 + sum_{j<l} G_j[c_j])), so level l is
   conditioned on the code prefix; teacher forcing in training (cross-entropy per level), trie-constrained
-  beam search at evaluation (nextlocmoe/tokens/trie.py).
+  beam search at evaluation (nextlocmoe/model/trie.py).
 
 Shape legend: B batch, N records, R d_rec, Lv code levels, K largest level size, D model width.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from nextlocmoe.config import ModelConfig
-from nextlocmoe.tokens.rqvae import load_codes
-from nextlocmoe.tokens.trie import CodeTrie, beam_search
+from nextlocmoe.model.trie import CodeTrie, beam_search
+
+
+def load_codes(path: str | Path, num_locations: int | None = None) -> torch.Tensor:
+    """location_codes.json -> [N, Lv] int64 (row = dense location id); checks completeness and uniqueness."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no location codes (run `nextlocmoe tokenize --data DIR` first)")
+    raw = json.loads(path.read_text())
+    n = len(raw) if num_locations is None else num_locations
+    if sorted(int(k) for k in raw) != list(range(n)):
+        raise ValueError(f"{path}: codes must cover location ids 0..{n - 1} exactly ({len(raw)} given)")
+    codes = torch.tensor([raw[str(i)] for i in range(n)], dtype=torch.long)
+    if len(torch.unique(codes, dim=0)) != n:
+        raise ValueError(f"{path}: code tuples are not unique")
+    return codes
 
 
 class CodeHead(nn.Module):
@@ -47,12 +64,15 @@ class CodeHead(nn.Module):
 
 
 class QTMob(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_locations: int, d_model: int) -> None:
+    def __init__(self, cfg: ModelConfig, codes: torch.Tensor | None, d_model: int) -> None:
+        """``codes`` [N, Lv]: every location's code tuple (``load_codes``; needed when model.tokens.enabled
+        or gen_head, None otherwise). Construction reads no file."""
         super().__init__()
         tc, d_loc = cfg.tokens, cfg.embed.d_loc
         self.code_emb = self.head = self.mask_emb = None
         if tc.enabled or tc.gen_head:
-            codes = load_codes(tc.codes_path, num_locations)
+            if codes is None:
+                raise ValueError("model.tokens.enabled/gen_head need the location codes (load_codes)")
             self.register_buffer("loc_codes", codes, persistent=False)  # the codes file is the truth
             sizes = [int(s) for s in codes.max(0).values + 1]
             self.trie = CodeTrie(codes)
