@@ -54,12 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # per-initializer dedup chatter
     logging.getLogger("onnxscript").setLevel(logging.WARNING)  # rewriter rule chatter
     from export.pipeline import run_export
-    from nextlocmoe.model.io import set_checkpoint_fallback
 
-    set_checkpoint_fallback(args.fallback_checkpoint)
     try:
         report = run_export(
-            args.run, args.out, args.formats, args.precision, args.n_check, args.topk, args.expert_compute
+            args.run,
+            args.out,
+            args.formats,
+            args.precision,
+            args.n_check,
+            args.topk,
+            args.expert_compute,
+            args.fallback_checkpoint,
         )
     except (OSError, ValueError) as e:  # RunError, CheckpointReadError, DataError: ValueErrors
         print(f"export: error: {' '.join(str(e).split())}", file=sys.stderr)

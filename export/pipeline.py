@@ -110,14 +110,17 @@ def run_export(
     n_check: int = 128,
     k: int = 20,
     compute: str = DEFAULT_EXPERT_COMPUTE,
+    fallback: bool = False,
 ) -> dict[str, Any]:
-    """The whole export; returns (and writes) the report."""
+    """The whole export; returns (and writes) the report. ``fallback``: ``--fallback-checkpoint``."""
     from nextlocmoe.model.io import load_run, newest_checkpoint
     from nextlocmoe.serve.engine import write_engine_files
 
     out = Path(out_dir)
     t0 = time.time()
-    cfg, model, info = load_run(run_dir)  # before creating ``out``: a run that fails to load leaves nothing
+    cfg, model, info = load_run(
+        run_dir, fallback=fallback
+    )  # before creating ``out``: a run that fails to load leaves nothing
     out.mkdir(parents=True, exist_ok=True)
     log.info("loaded run %s (%.1fs)", run_dir, time.time() - t0)
     frozen = freeze_nextlocmoe(model, info, compute=compute, k=k)

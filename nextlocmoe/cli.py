@@ -193,13 +193,13 @@ def _evaluate_run(args: argparse.Namespace) -> dict | None:
 
         return evaluate_transfer(
             args.run, args.data or _run_data(args.run), args.split, args.ranking, args.max_samples,
-            args.batch_size, args.normalise,
+            args.batch_size, args.normalise, args.fallback_checkpoint,
         )  # fmt: skip
     started = ensure_process_group(place)
     try:
         return evaluate_run_sharded(
             args.run, place, args.data, args.split, args.ranking, args.max_samples, args.batch_size,
-            args.task, args.precision,
+            args.task, args.precision, args.fallback_checkpoint,
         )  # fmt: skip
     finally:
         if started:
@@ -269,7 +269,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     rep = explain_run(
         args.run, args.data, args.out, args.split, args.max_samples, args.batch_size, args.pool,
-        args.top_users, args.normalise,
+        args.top_users, args.normalise, args.fallback_checkpoint,
     )  # fmt: skip
     for li, st in enumerate(rep["overall"]["persona"]):
         print(f"persona layer {li}: load {[round(x, 3) for x in st['load']]} cv {st['load_cv']:.3f} "
@@ -342,10 +342,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    if getattr(args, "fallback_checkpoint", False):
-        from nextlocmoe.model.io import set_checkpoint_fallback
-
-        set_checkpoint_fallback(True)
     try:
         return int(args.func(args) or 0)
     except (DataError, ValueError, RuntimeError, OSError) as e:  # RunError, ConfigError: ValueErrors

@@ -26,7 +26,7 @@ def fwd_bwd_s(ex: PersonaExperts, mode: str, x, ids, w) -> float:
     xx = x.detach().requires_grad_(True)
     ww = w.detach().requires_grad_(True)
     t = time.perf_counter()
-    y = ex(xx, ids, ww, mode=mode)
+    y = ex(xx, ids, ww, mode)
     y.float().pow(2).mean().backward()
     dt = time.perf_counter() - t
     ex.zero_grad(set_to_none=True)
@@ -77,10 +77,10 @@ def main() -> None:
     }
     rows = []
     print(f"D={a.d_model} F={a.d_ff} E={a.experts} T={a.tokens} r={a.rank} threads={torch.get_num_threads()}")
-    modes = ["naive", "grouped", "static"]
+    modes = ["reference", "grouped", "masked"]
     for name, (ids, w) in cases.items():
         t = time_modes(ex, modes, x, ids, w, a.repeats)
-        ref_min, ref_med = min(t["naive"]), statistics.median(t["naive"])
+        ref_min, ref_med = min(t["reference"]), statistics.median(t["reference"])
         for m in modes:
             mn, md = min(t[m]), statistics.median(t[m])
             rows.append(

@@ -150,7 +150,7 @@ class LocalLoRAExperts(nn.Module):
             expert_ffn(self._base[0], ex, inputs_GECD[:, i].reshape(G * Cap, D), self.scaling, self.drop)
             for i, ex in enumerate(self.deepspeed_experts)
         ]
-        return torch.stack(outs, dim=1).view(G, El, Cap, D)
+        return torch.stack([o.view(G, Cap, D) for o in outs], dim=1)  # [G, El, Cap, D]
 
 
 def expert_parallel_rank(ep_size: int) -> int:

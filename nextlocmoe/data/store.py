@@ -42,12 +42,15 @@ class TrajectoryDataset(Dataset):
         history: int | None = None,
         current: int | None = None,
         pointer: int = 0,
+        stats: dict | None = None,
     ):
+        """``stats``: normalisation statistics other than the data set's own (zero-shot
+        ``--normalise source``); default the folder's stats.json."""
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
         self.data_dir = Path(data_dir)
         self.manifest = load_manifest(self.data_dir)
-        self.stats = load_stats(self.data_dir)
+        self.stats = load_stats(self.data_dir) if stats is None else stats
         self.split = split
         self.history = int(self.manifest["history"] if history is None else history)
         self.current = int(self.manifest["current"] if current is None else current)

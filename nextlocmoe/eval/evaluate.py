@@ -62,9 +62,7 @@ def predict_split(
     top-1 [N]. ``task="recovery"``: one record of each current window masked, it is the target (QTMOB.md).
     ``device``: where the model and batches live (the model is moved there). ``shard=(rank, world)``: this
     rank's block of the batches only (``batch_starts``; merged by ``eval/sharded.py``)."""
-    ds = TrajectoryDataset(data_dir, split, pointer=getattr(model, "pointer_window", 0))
-    if stats is not None:  # normalise inputs with other statistics (zero-shot --normalise source)
-        ds.stats = stats
+    ds = TrajectoryDataset(data_dir, split, pointer=getattr(model, "pointer_window", 0), stats=stats)
     idx = eval_subset(len(ds), max_samples)
     out: dict[str, list] = {"pred_xy": [], "target_loc": [], "scored_rank": [], "scored_top1": []}
     model.to(device).eval()

@@ -72,9 +72,7 @@ def collect_routing(
     sem_probs [N, C, Es], sem_ids, sem_w [N, C, Ks] (None without a semantic MoE);
     per_probs / per_ids / per_w: one [N, S, .] array per personalized MoE layer; and prompt_len (Pn).
     ``stats`` overrides the data set's normalisation (zero-shot ``--normalise source``)."""
-    ds = TrajectoryDataset(data_dir, split, pointer=getattr(model, "pointer_window", 0))
-    if stats is not None:
-        ds.stats = stats
+    ds = TrajectoryDataset(data_dir, split, pointer=getattr(model, "pointer_window", 0), stats=stats)
     idx = eval_subset(len(ds), max_samples)
     keep: dict[str, list] = {k: [] for k in ("user", "sample_index", "cur_hour", "cur_loc", "hist_mask")}
     sem: dict[str, list] = {"probs": [], "ids": [], "w": []}
@@ -380,6 +378,7 @@ def explain_run(
     pool: str = "current",
     top_users: int = 30,
     normalise: str = "target",
+    fallback: bool = False,
 ) -> dict:
     """``nextlocmoe explain``: load the run (any ep_size; another data set goes through the zero-shot
     loading of ``load_run``), collect raw routing, write summary.json and the PNG plots into out_dir."""
@@ -389,7 +388,7 @@ def explain_run(
 
     if pool not in POOLS:
         raise ValueError(f"unknown pool {pool!r}; expected one of {sorted(POOLS)}")
-    cfg, model, _ = load_run(run_dir, data_dir, normalise=normalise)
+    cfg, model, _ = load_run(run_dir, data_dir, normalise=normalise, fallback=fallback)
     data = Path(data_dir or cfg.data.dir)
     stats = load_stats(cfg.data.dir) if normalise == "source" else None
     raw = collect_routing(model, data, split, max_samples, batch_size or cfg.data.eval_batch_size, stats)

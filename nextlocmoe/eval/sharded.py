@@ -97,6 +97,7 @@ def evaluate_run_sharded(
     batch_size: int = 0,
     task: str = "next",
     precision: str = "fp32",
+    fallback: bool = False,
 ) -> dict | None:
     """``evaluate_run`` over ``p.world`` ranks (``p.world`` = 1: one process on ``p.device``). Returns the
     report on rank 0, None on the others. ``precision`` bf16 casts the parameters as DeepSpeed's bf16
@@ -105,7 +106,7 @@ def evaluate_run_sharded(
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    cfg, model, _ = load_run(run_dir, data_dir)
+    cfg, model, _ = load_run(run_dir, data_dir, fallback=fallback)
     data = data_dir or cfg.data.dir
     check_evaluable(data)
     cast_parameters(model, PRECISIONS[precision])

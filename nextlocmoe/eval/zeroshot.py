@@ -42,12 +42,13 @@ def evaluate_transfer(
     max_samples: int = 0,
     batch_size: int = 0,
     normalise: str = "target",
+    fallback: bool = False,
 ) -> dict:
     """``nextlocmoe evaluate --run RUN --data DIR [--normalise target|source]``: the CONTRACT.md report on
     DIR plus ``zero_shot`` {source, target, cross_domain, normalise, candidates, rankings: {name: how}}."""
     from nextlocmoe.model.io import load_run
 
-    cfg, model, _ = load_run(run_dir, data_dir, normalise=normalise)
+    cfg, model, _ = load_run(run_dir, data_dir, normalise=normalise, fallback=fallback)
     data_dir = Path(data_dir)
     bs = batch_size or cfg.data.eval_batch_size
     ranking = ranking or cfg.model.heads.ranking

@@ -87,20 +87,11 @@ def newest_checkpoint(run_dir: str | Path) -> Path:
     return complete_checkpoints(run_dir)[0]
 
 
-_FALLBACK = {"enabled": False}
-
-
-def set_checkpoint_fallback(enabled: bool) -> None:
-    """``--fallback-checkpoint`` of evaluate / explain / export: when the newest complete checkpoint of a
-    run cannot be read, ``load_run`` uses the newest one that does (with a warning) instead of failing."""
-    _FALLBACK["enabled"] = bool(enabled)
-
-
-def readable_checkpoint(run_dir: str | Path, fallback: bool | None = None) -> tuple[Path, dict]:
+def readable_checkpoint(run_dir: str | Path, fallback: bool = False) -> tuple[Path, dict]:
     """(folder, state dict) of the run's newest complete checkpoint. When it cannot be read, the error
-    names its file and step and the newest older checkpoint that reads; with ``fallback`` (default: the
-    ``set_checkpoint_fallback`` switch) that older one is used instead, with a warning."""
-    fallback = _FALLBACK["enabled"] if fallback is None else fallback
+    names its file and step and the newest older checkpoint that reads; with ``fallback``
+    (``--fallback-checkpoint`` of evaluate / explain / export) that older one is used instead, with a
+    warning."""
     ckpts = complete_checkpoints(run_dir)
     try:
         return ckpts[0], read_model_state(ckpts[0])
@@ -201,6 +192,7 @@ def load_run(
     data_dir: str | Path | None = None,
     ckpt: str | Path | None = None,
     normalise: str = "target",
+    fallback: bool = False,
 ) -> tuple[Config, NextLocMoE, DataInfo]:
     """Config + single-device model with the newest complete checkpoint's weights (or ``ckpt``) + data
     info (from ``data_dir``, default the run's own data set).
@@ -217,7 +209,7 @@ def load_run(
         cfg.data.dir = str(resolve_data_dir(run_dir, cfg.data.dir))
     state = None
     if ckpt is None:  # read first: an unreadable checkpoint fails before the model is built
-        ckpt, state = readable_checkpoint(run_dir)
+        ckpt, state = readable_checkpoint(run_dir, fallback)
     stats_dir = cfg.data.dir if normalise == "source" else None
     info = data_info_from_dir(data_dir or cfg.data.dir, stats_dir)
     if state is None:

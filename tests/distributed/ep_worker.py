@@ -24,13 +24,12 @@ import toy  # noqa: E402
 from deepspeed import comm as dist  # noqa: E402
 
 from nextlocmoe.config import load_config  # noqa: E402
+from nextlocmoe.model.routing import expert_counts, load_balancing_loss  # noqa: E402
 from train.ds_config import build_ds_config  # noqa: E402
 from train.parallel import (  # noqa: E402
-    DSPersonalMoE,
+    ExpertParallelDispatcher,
     attach_expert_groups,
-    expert_counts,
     gather_expert_state,
-    load_balancing_loss,
     moe_param_groups,
     parallelize,
     single_device_state,
@@ -169,7 +168,7 @@ def check_placement(md: torch.nn.Module, rank: int) -> dict:
             assert "expert" not in name
             info["base_numel"] += p.numel()
     for m in md.modules():
-        if isinstance(m, DSPersonalMoE):
+        if isinstance(m, ExpertParallelDispatcher):
             assert m.expert_ids == list(range(rank * el, rank * el + el)), m.expert_ids
             assert len(m.deepspeed_moe.experts.deepspeed_experts) == el
     n_layers = len(md.layers)
@@ -194,10 +193,10 @@ def check_forward_and_grads(m: torch.nn.Module, rank: int) -> None:
     ref_grads = {k: p.grad for k, p in ref.named_parameters() if p.grad is not None}
     el = toy.E // 2
     for i, blk in enumerate(md.layers):
-        for j, ex in enumerate(blk.mlp.deepspeed_moe.experts.deepspeed_experts):
+        for j, ex in enumerate(blk.mlp.dispatcher.deepspeed_moe.experts.deepspeed_experts):
             for name, p in ex.named_parameters():
                 check_close(p.grad, ref_grads[f"layers.{i}.mlp.experts.lora.{rank * el + j}.{name}"], "grad")
-    g = md.layers[0].mlp.deepspeed_moe.experts.deepspeed_experts[0].down_B.grad
+    g = md.layers[0].mlp.dispatcher.deepspeed_moe.experts.deepspeed_experts[0].down_B.grad
     both = [torch.empty_like(g) for _ in range(2)]
     dist.all_gather(both, g.contiguous())
     assert not torch.allclose(both[0], both[1]), "expert grads equal across ranks (averaged?)"

@@ -16,7 +16,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 from nextlocmoe.config import PersonalMoEConfig
 from nextlocmoe.model.balance import balance_routers
-from nextlocmoe.model.personal_moe import PersonalMoE
+from nextlocmoe.model.personal_moe import PersonalMoE, RoutingContext
 from nextlocmoe.model.routing import RoutingAux
 
 D, F, C, P, E = 32, 64, 8, 12, 4
@@ -54,11 +54,12 @@ class ToyMoEModel(nn.Module):
         cfg = moe_cfg(routing)
         persona_EP = torch.randn(E, P, generator=gen)
         self.ctx_proj = nn.Linear(C, C)
+        self.routing = RoutingContext()
         blocks = []
         for i in range(n_layers):
             base = LlamaMLP(LlamaConfig(hidden_size=D, intermediate_size=F))
             base.requires_grad_(False)
-            blocks.append(Block(PersonalMoE(base, cfg, persona_EP, C, i, seed)))
+            blocks.append(Block(PersonalMoE(base, cfg, persona_EP, C, i, self.routing, seed)))
         self.layers = nn.ModuleList(blocks)
         with torch.no_grad():
             for blk in self.layers:
@@ -73,12 +74,10 @@ class ToyMoEModel(nn.Module):
         balance_routers(pairs, BALANCE_RATE, reduce)
 
     def forward(self, x_BSD: torch.Tensor, ctx_BC: torch.Tensor) -> tuple[torch.Tensor, list[RoutingAux]]:
-        sink: list[RoutingAux] = []
-        h_BC = self.ctx_proj(ctx_BC)
-        for blk in self.layers:
-            blk.mlp.bind(h_BC, sink)
-            x_BSD = x_BSD + blk.mlp(x_BSD)
-        return x_BSD, sink
+        with self.routing.scope(self.ctx_proj(ctx_BC)) as records:
+            for blk in self.layers:
+                x_BSD = x_BSD + blk.mlp(x_BSD)
+        return x_BSD, records
 
 
 def batch(part: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

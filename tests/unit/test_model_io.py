@@ -65,3 +65,32 @@ def test_load_weights_of_another_model_shape_names_the_folder(debug_cfg, tmp_pat
     wider.personal_moe.lora_r = 8
     with pytest.raises(RunError, match=r"step3: checkpoint does not fit this model config"):
         load_weights(build_model(wider, info), ckpt, info)
+
+
+def test_checkpoint_rebuild_never_runs_the_text_encoder(debug_cfg, tmp_path: Path, monkeypatch) -> None:
+    """``rebuild_model`` (what load_run builds) takes the text semantics from the checkpoint: with the text
+    encoder made to fail, the rebuilt model equals the saved one, buffers included; a checkpoint without
+    them is refused instead of silently keeping the zero placeholders."""
+    from nextlocmoe.model import text
+    from nextlocmoe.model.build import rebuild_model
+
+    info = DataInfo(torch.randn(30, 2), 1000.0)
+    src = build_model(debug_cfg.model, info)
+    assert src.moe_layers()[0].router.persona_EP.abs().sum() > 0
+    ckpt = _checkpoint(src, tmp_path / "run")
+
+    def no_encoder(*a, **k):
+        raise AssertionError("the text encoder ran during a checkpoint rebuild")
+
+    monkeypatch.setattr(text, "embed_texts", no_encoder)
+    with pytest.raises(AssertionError, match="text encoder ran"):
+        build_model(debug_cfg.model, info)  # a fresh model does run it
+    model = rebuild_model(debug_cfg.model, info)
+    assert model.moe_layers()[0].router.persona_EP.abs().sum() == 0  # placeholders until loaded
+    load_weights(model, ckpt, info)
+    want = src.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    state = {k: v for k, v in want.items() if not k.endswith("persona_EP")}
+    with pytest.raises(RunError, match="persona_EP"):
+        load_weights(rebuild_model(debug_cfg.model, info), ckpt, info, state)

@@ -99,3 +99,25 @@ def test_history_aware_router_uses_history_and_personas() -> None:
     logits = r.v(torch.nn.functional.gelu(cat @ W.t() + r.w_x.bias)).squeeze(-1)
     assert torch.allclose(p, torch.softmax(logits, -1), atol=1e-6)
     assert "persona_EP" not in dict(r.named_parameters())  # fixed semantics, not trained
+
+
+def test_expert_counts_ignore_empty_slots_and_masked_tokens() -> None:
+    """THE expert count (balancing, Switch loss, grouped split sizes, DeepSpeed exp_counts, monitoring)."""
+    from nextlocmoe.model.routing import expert_counts
+
+    ids = torch.tensor([[0, 2], [1, -1], [2, -1], [0, 0]])
+    assert expert_counts(ids, 4).tolist() == [3.0, 1.0, 2.0, 0.0]
+    mask = torch.tensor([True, False, True, True])  # token 1 is padding
+    assert expert_counts(ids, 4, mask).tolist() == [3.0, 0.0, 2.0, 0.0]
+    assert expert_counts(ids, 4).dtype == torch.float32
+
+
+def test_combine_is_fp32_and_ignores_zero_weight_slots() -> None:
+    """THE combine: sum_k w_k v_k in fp32 even for bf16 values (a weight below bf16's resolution counts)."""
+    from nextlocmoe.model.routing import combine
+
+    v = torch.ones(2, 3, 4, dtype=torch.bfloat16)
+    w = torch.tensor([[1.0, 1e-4, 0.0], [0.5, 0.25, 0.0]])
+    out = combine(v, w)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out[:, 0], torch.tensor([1.0001, 0.75]))
