@@ -148,8 +148,8 @@ def untrained_run(run: Path, config: str, data: Path) -> dict[str, Any]:
     import torch
 
     from nextlocmoe.config import load_config, save_config
-    from nextlocmoe.model.io import data_info_from_dir
     from nextlocmoe.model.build import build_model
+    from nextlocmoe.model.io import data_info_from_dir
 
     cfg = load_config(ROOT / config, [f"data.dir={data}"])
     torch.manual_seed(cfg.train.seed)
