@@ -11,8 +11,8 @@ import sys
 # Run as a file (``python export/export.py``): this folder would shadow the ``export`` package on
 # sys.path, so the same code runs as the installed package's module instead (``python -m export.export``).
 if __name__ == "__main__" and not __package__:
-    _flags = ["-u"] if sys.flags.unbuffered else []
-    os.execv(sys.executable, [sys.executable, *_flags, "-m", "export.export", *sys.argv[1:]])
+    _opts = sys.orig_argv[1 : len(sys.orig_argv) - len(sys.argv)]  # interpreter options (-u, -X ...)
+    os.execv(sys.executable, [sys.executable, *_opts, "-m", "export.export", *sys.argv[1:]])
 
 FORMATS = ("onnx", "tensorrt")
 

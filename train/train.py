@@ -19,8 +19,8 @@ from pathlib import Path
 # Run as a file (``python train/train.py``, torchrun, srun): this folder would shadow the ``train`` package on
 # sys.path, so the same code runs as the installed package's module instead (``python -m train.train``).
 if __name__ == "__main__" and not __package__:
-    _flags = ["-u"] if sys.flags.unbuffered else []
-    os.execv(sys.executable, [sys.executable, *_flags, "-m", "train.train", *sys.argv[1:]])
+    _opts = sys.orig_argv[1 : len(sys.orig_argv) - len(sys.argv)]  # interpreter options (-u, -X ...)
+    os.execv(sys.executable, [sys.executable, *_opts, "-m", "train.train", *sys.argv[1:]])
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from nextlocmoe.model.precision import param32
-from nextlocmoe.model.routing import MLPRouter, RoutingAux, combine_weights_TE, topk_select
+from nextlocmoe.model.routing import MLPRouter, RoutingAux, combine, combine_weights_TE, topk_select
 
 
 def project_text_to_weights(text_EP: torch.Tensor, d_loc: int, seed: int = 0) -> torch.Tensor:
@@ -89,5 +89,5 @@ class SemanticMoE(nn.Module):
         # experts and their combine in fp32 (model/precision.py), cast to the embedding's dtype once
         out_TEL = torch.einsum("ti,eli->tel", xy_T2.float(), param32(self.w_ELI))
         w_TE = combine_weights_TE(ids_TK, w_TK.float(), self.num_experts)
-        enhanced_TL = base_TL + (w_TE.unsqueeze(-1) * out_TEL).sum(1).to(base_TL.dtype)
+        enhanced_TL = base_TL + combine(out_TEL, w_TE).to(base_TL.dtype)
         return enhanced_TL, RoutingAux(probs_TE, ids_TK, w_TK, xy_T2.new_zeros((), dtype=torch.float32))
