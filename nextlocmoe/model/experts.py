@@ -153,7 +153,7 @@ class PersonaExperts(nn.Module):
         flat_e = ids_TK.reshape(-1)
         used = torch.nonzero(flat_e >= 0, as_tuple=True)[0]
         e_P, order = torch.sort(flat_e[used], stable=True)
-        p_idx = used[order]  # flat (token, slot) index of each pair
+        p_idx = used[order]  # flat (token, slot) index of each pair, sorted by expert
         t_P = p_idx // K
         counts = expert_counts(ids_TK, E).long().tolist()  # host sync: the training path only
         a_T2Er = (
@@ -170,16 +170,13 @@ class PersonaExperts(nn.Module):
         g_PF = base.gate_proj(x_TD).index_select(0, t_P) + s * torch.cat(dg)
         u_PF = base.up_proj(x_TD).index_select(0, t_P) + s * torch.cat(du)
         h_PF = base.act_fn(g_PF) * u_PF
+        w_P = w_TK.reshape(-1).index_select(0, p_idx)
+        y_TD = base.down_proj(combine(h_PF, w_P, t_P, T).to(x_TD.dtype)).float()
         zs = [
             s * (h @ ex.down_A.t()) @ ex.down_B.t()
             for ex, h in zip(self.lora, torch.split(self.drop(h_PF), counts), strict=True)
         ]
-
-        def slots(v_PX: torch.Tensor) -> torch.Tensor:  # pairs -> [T, K, X], zero on empty slots
-            return v_PX.new_zeros(T * K, v_PX.shape[1]).index_copy(0, p_idx, v_PX).view(T, K, -1)
-
-        y_TD = base.down_proj(combine(slots(h_PF), w_TK).to(x_TD.dtype)).float()
-        return (y_TD + combine(slots(torch.cat(zs)), w_TK)).to(x_TD.dtype)
+        return (y_TD + combine(torch.cat(zs), w_P, t_P, T)).to(x_TD.dtype)
 
     # -- shared base, static shapes ----------------------------------------------------------------------
     def _in_proj(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

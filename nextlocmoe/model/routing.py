@@ -184,12 +184,19 @@ def combine_weights_TE(ids_TK: torch.Tensor, w_TK: torch.Tensor, num_experts: in
     return (onehot_TKE * (w_TK * valid_TK).unsqueeze(-1)).sum(1)
 
 
-def combine(v_TKX: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
-    """THE combine of every MoE path: sum_k w_k v_k over the K slots (or E experts) of each token, in fp32
-    whatever the activation dtype (model/precision.py: bf16 weights below 2^-8 of the largest would vanish),
-    [T, X] fp32; the caller casts once. v_TKX [T, K, X] per-slot values (zero or any value on an empty slot:
-    its weight is 0), w_TK [T, K]."""
-    return (v_TKX.float() * w_TK.float().unsqueeze(-1)).sum(1)
+def combine(
+    v: torch.Tensor, w: torch.Tensor, token: torch.Tensor | None = None, num_tokens: int = 0
+) -> torch.Tensor:
+    """THE combine of every MoE path: the weighted sum of each token's expert values, in fp32 whatever the
+    activation dtype (model/precision.py: bf16 weights below 2^-8 of the largest would vanish); the caller
+    casts once. Two layouts of the same sum:
+    - slots: v [T, K, X] per-slot values, w [T, K] -> [T, X] (an empty slot has weight 0);
+    - pairs: v [P, X] values of the used (token, slot) pairs, w [P], ``token`` [P] each pair's token
+      -> [num_tokens, X] (the grouped experts' sparse layout; index_add, no [T, K, X] buffer)."""
+    vw = v.float() * w.float().unsqueeze(-1)
+    if token is None:
+        return vw.sum(1)
+    return vw.new_zeros(num_tokens, v.shape[-1]).index_add(0, token, vw)
 
 
 class MLPRouter(nn.Module):
