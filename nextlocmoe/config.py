@@ -160,7 +160,7 @@ class HeadsConfig:
     # train split's visit and transition counts) with persona- and function-routed weights; the gate is
     # then P(repeat). `novelty_transitions`: successors kept per place from the train-split transitions.
     novelty: bool = False
-    novelty_hidden: int = 16
+    novelty_hidden: int = 16  # per-candidate MLP width; 0 = the routed linear score only (cheaper)
     novelty_transitions: int = 32
 
     def __post_init__(self) -> None:
@@ -170,7 +170,7 @@ class HeadsConfig:
         _check(self.pointer_window >= 1, "model.heads.pointer_window must be >= 1")
         _check(self.pointer_hidden >= 1, "model.heads.pointer_hidden must be >= 1")
         _check(not self.novelty or self.pointer, "model.heads.novelty=true needs heads.pointer=true")
-        _check(self.novelty_hidden >= 1, "model.heads.novelty_hidden must be >= 1")
+        _check(self.novelty_hidden >= 0, "model.heads.novelty_hidden must be >= 0")
         _check(self.novelty_transitions >= 1, "model.heads.novelty_transitions must be >= 1")
 
 

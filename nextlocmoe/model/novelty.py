@@ -142,11 +142,13 @@ class NoveltyScorer(nn.Module):
         self.register_buffer("visits_LT", torch.as_tensor(counts.visits_LT).float().clone())
         self.register_buffer("succ_ids_LK", torch.as_tensor(counts.succ_ids_LK).long().clone())
         self.register_buffer("succ_cnt_LK", torch.as_tensor(counts.succ_cnt_LK).float().clone())
-        self.cand_in = nn.Linear(N_CAND_FEATURES, hidden)
-        self.query_in = nn.Linear(d_model, hidden, bias=False)
-        self.v0 = nn.Parameter(torch.zeros(hidden))
-        self.v_persona = nn.Parameter(torch.zeros(num_personas, hidden))
-        self.v_function = nn.Parameter(torch.zeros(max(num_functions, 1), hidden))
+        self.hidden = int(hidden)  # 0: the routed linear part only (no per-candidate MLP)
+        if self.hidden > 0:
+            self.cand_in = nn.Linear(N_CAND_FEATURES, hidden)
+            self.query_in = nn.Linear(d_model, hidden, bias=False)
+            self.v0 = nn.Parameter(torch.zeros(hidden))
+            self.v_persona = nn.Parameter(torch.zeros(num_personas, hidden))
+            self.v_function = nn.Parameter(torch.zeros(max(num_functions, 1), hidden))
         # linear part, routed the same way: s += f . (a_0 + sum_e pi_e a_e + sum_f omega_f b_f)
         self.a0 = nn.Parameter(torch.zeros(N_CAND_FEATURES))
         self.a_persona = nn.Parameter(torch.zeros(num_personas, N_CAND_FEATURES))
@@ -217,12 +219,14 @@ class NoveltyScorer(nn.Module):
         """-> (id-free scores s [B, L], fp32; visited places are NOT masked here, exploration gate
         statistics [B, S] without the novelty evidence: ``gate_stats`` adds it)."""
         f_BLF = self.features(batch, loc_xy_L2, pred_xy_B2, target_B)
-        z_BLH = F.gelu(linear32(self.cand_in, f_BLF) + linear32(self.query_in, h_BD.float()).unsqueeze(1))
-        v_BH = param32(self.v0) + pi_BE.float() @ param32(self.v_persona)
-        v_BH = v_BH + om_BF.float() @ param32(self.v_function)
         a_BF = param32(self.a0) + pi_BE.float() @ param32(self.a_persona)
         a_BF = a_BF + om_BF.float() @ param32(self.a_function)
-        s_BL = (z_BLH * v_BH.unsqueeze(1)).sum(-1) + (f_BLF * a_BF.unsqueeze(1)).sum(-1)
+        s_BL = (f_BLF * a_BF.unsqueeze(1)).sum(-1)
+        if self.hidden > 0:
+            z_BLH = F.gelu(linear32(self.cand_in, f_BLF) + linear32(self.query_in, h_BD.float()).unsqueeze(1))
+            v_BH = param32(self.v0) + pi_BE.float() @ param32(self.v_persona)
+            v_BH = v_BH + om_BF.float() @ param32(self.v_function)
+            s_BL = s_BL + (z_BLH * v_BH.unsqueeze(1)).sum(-1)
         new_BP = first_visits(batch["ptr_loc"])
         P = new_BP.shape[1]
         tail = (batch["ptr_loc"][:, -min(RATE_WINDOW, P) :] >= 0).float()

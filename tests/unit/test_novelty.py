@@ -37,10 +37,10 @@ def _records(n: int = 400, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def _head(counts: CityCounts | None, seed: int = 0) -> PointerScoredHead:
+def _head(counts: CityCounts | None, seed: int = 0, hidden: int = 8) -> PointerScoredHead:
     torch.manual_seed(seed)
     b = _routine_batch(2, 0, L=L, P=P)
-    nov = {"hidden": 8, "top_k": 5, "counts": counts}
+    nov = {"hidden": hidden, "top_k": 5, "counts": counts}
     return PointerScoredHead(D, b["xy_L2"], 8, 8, 4, 5, 1000.0, True, nov)
 
 
@@ -72,8 +72,9 @@ def test_visited_mask_and_first_visits() -> None:
     assert first_visits(loc).tolist() == [[0, 0, 1, 1, 0, 1], [1, 0, 0, 0, 0, 0]]
 
 
-def test_novelty_mass_is_on_unvisited_places_and_mixture_is_a_distribution() -> None:
-    head = _head(city_counts(_records(), L, 5)).eval()
+@pytest.mark.parametrize("hidden", [8, 0])
+def test_novelty_mass_is_on_unvisited_places_and_mixture_is_a_distribution(hidden: int) -> None:
+    head = _head(city_counts(_records(), L, 5), hidden=hidden).eval()
     b = _routine_batch(6, 1, L=L, P=P)
     pi, om = _uniform_routing(6)
     h = torch.randn(6, D)
@@ -157,7 +158,7 @@ def test_novelty_config_is_validated() -> None:
         load_config(None, ["model.heads.novelty=true"])
     with pytest.raises(ConfigError, match="novelty_hidden"):
         load_config(
-            None, ["model.heads.pointer=true", "model.heads.novelty=true", "model.heads.novelty_hidden=0"]
+            None, ["model.heads.pointer=true", "model.heads.novelty=true", "model.heads.novelty_hidden=-1"]
         )
 
 
@@ -175,10 +176,11 @@ class _HeadGraph(nn.Module):
         return self.head(h, pred, dict(zip(KEYS, xs[4:], strict=True)), pi, om)
 
 
-def test_novelty_head_exports_with_parity(tmp_path: Path) -> None:
+@pytest.mark.parametrize("hidden", [8, 0])
+def test_novelty_head_exports_with_parity(tmp_path: Path, hidden: int) -> None:
     from export.onnx_io import OrtSession, export_onnx
 
-    head = _head(city_counts(_records(), L, 5)).eval()
+    head = _head(city_counts(_records(), L, 5), hidden=hidden).eval()
     keys = KEYS
     m = _HeadGraph(head).eval()
 
