@@ -155,6 +155,13 @@ class HeadsConfig:
     pointer_window: int = 256  # P: records right before the target the pointer can copy from
     pointer_hidden: int = 32
     query_time: bool = True  # the target's weekday/hour/gap is an input (its location never is)
+    # Exploration (issue 23, model/novelty.py): the explore part of the mixture becomes a distribution over
+    # the places NOT in the pointer window only, scored from id-free candidate features (distances, the
+    # train split's visit and transition counts) with persona- and function-routed weights; the gate is
+    # then P(repeat). `novelty_transitions`: successors kept per place from the train-split transitions.
+    novelty: bool = False
+    novelty_hidden: int = 16  # per-candidate MLP width; 0 = the routed linear score only (cheaper)
+    novelty_transitions: int = 32
 
     def __post_init__(self) -> None:
         _check(self.ranking in ("point", "scored", "codes"), "model.heads.ranking must be point|scored|codes")
@@ -162,6 +169,9 @@ class HeadsConfig:
         _check(not self.pointer or self.scored, "model.heads.pointer=true needs heads.scored=true")
         _check(self.pointer_window >= 1, "model.heads.pointer_window must be >= 1")
         _check(self.pointer_hidden >= 1, "model.heads.pointer_hidden must be >= 1")
+        _check(not self.novelty or self.pointer, "model.heads.novelty=true needs heads.pointer=true")
+        _check(self.novelty_hidden >= 0, "model.heads.novelty_hidden must be >= 0")
+        _check(self.novelty_transitions >= 1, "model.heads.novelty_transitions must be >= 1")
 
 
 @dataclass

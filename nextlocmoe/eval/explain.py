@@ -384,6 +384,7 @@ def explain_run(
     loading of ``load_run``), collect raw routing, write summary.json and the PNG plots into out_dir."""
     from nextlocmoe.data.store import load_stats
     from nextlocmoe.eval.plots import write_plots
+    from nextlocmoe.eval.slices import routing_slices, sample_slices
     from nextlocmoe.model.io import load_run
 
     if pool not in POOLS:
@@ -395,6 +396,8 @@ def explain_run(
     locs = load_locations(data)
     user_ids = np.load(data / "users.npy", allow_pickle=False) if (data / "users.npy").is_file() else None
     rep = summarise(raw, pool, locs.get("category"), top_users, user_ids=user_ids)
+    mask = token_mask(raw, pool) if raw["per_probs"] else None
+    rep["slices"] = routing_slices(raw, mask, sample_slices(data, split, max_samples))
     rep = {"run": str(run_dir), "data": str(data), "dataset": load_manifest(data).get("dataset"),
            "split": split, "normalise": normalise,
            "location_transfer": getattr(model, "location_transfer", None), **rep}  # fmt: skip

@@ -61,3 +61,30 @@ def _rank_only(ranks: np.ndarray) -> dict:
     m = ranking_metrics(ranks, None)
     m.pop("mean_distance_m", None)
     return m
+
+
+def routing_slices(raw: dict, mask_NS: np.ndarray | None, masks: dict[str, np.ndarray]) -> dict[str, dict]:
+    """``explain``'s slices: per slice, the mean persona mix (router probability over the pooled tokens
+    ``mask_NS``, per personalized MoE layer) and the mean function mix (over the current records), and
+    for repeat vs novel the Jensen-Shannon divergence (base 2) between the two slices' mean mixes: does
+    either router treat a step to a new place differently? ``raw``: ``explain.collect_routing``'s arrays,
+    in the order of ``sample_slices``."""
+    from nextlocmoe.eval.explain import js_divergence, sample_mixes
+
+    persona = [sample_mixes(p, mask_NS) for p in raw["per_probs"]] if mask_NS is not None else []
+    func = raw["sem_probs"].mean(1) if raw.get("sem_probs") is not None else None
+    out: dict[str, dict] = {}
+    for name, m in masks.items():
+        out[name] = {
+            "n": int(m.sum()),
+            "persona_mix": [mx[m].mean(0).tolist() if m.any() else None for mx in persona],
+            "function_mix": func[m].mean(0).tolist() if func is not None and m.any() else None,
+        }
+    rep, nov = masks.get("repeat"), masks.get("novel")
+    if rep is not None and nov is not None and rep.any() and nov.any():
+        js = {"persona": [float(js_divergence(mx[rep].mean(0), mx[nov].mean(0))) for mx in persona]}
+        js["function"] = (
+            float(js_divergence(func[rep].mean(0), func[nov].mean(0))) if func is not None else None
+        )
+        out["repeat_vs_novel_js"] = js
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -38,8 +39,14 @@ def data_info_from_dir(data_dir: str | Path, stats_dir: str | Path | None = None
         )
     stats = load_stats(stats_dir or data_dir)
     xy = normalise_xy(load_locations(data_dir)["xy"], stats)
+    cols = ("loc", "user", "hour", "weekday", "split")  # the exploration head's train-split counts
+    records = {c: np.load(Path(data_dir) / "records" / f"{c}.npy") for c in cols}
     return DataInfo(
-        torch.tensor(xy, dtype=torch.float32), float(stats["xy_std"]), stats["x_mean"], stats["y_mean"]
+        torch.tensor(xy, dtype=torch.float32),
+        float(stats["xy_std"]),
+        stats["x_mean"],
+        stats["y_mean"],
+        records,
     )
 
 
@@ -146,7 +153,10 @@ def load_model_state(
 
 
 # Scored-head entries that belong to the training data set's location table (docs/EXPLAIN.md, zero-shot).
-LOCATION_KEYS = ("scored.loc_emb.weight", "scored.loc_bias.weight", "scored.loc_xy_L2")
+LOCATION_KEYS = (
+    "scored.loc_emb.weight", "scored.loc_bias.weight", "scored.loc_xy_L2", "scored.novel.visits_L",
+    "scored.novel.visits_LT", "scored.novel.succ_ids_LK", "scored.novel.succ_cnt_LK",
+)  # fmt: skip
 
 
 def foreign_locations(state: dict[str, torch.Tensor], info: DataInfo) -> bool:

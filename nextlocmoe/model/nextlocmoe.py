@@ -24,6 +24,7 @@ from nextlocmoe.model.backbone import swap_ffns
 from nextlocmoe.model.embedding import HistoryEncoder, RecordEmbedding
 from nextlocmoe.model.heads import PointHeads, ScoredHead
 from nextlocmoe.model.layout import sequence_mask
+from nextlocmoe.model.novelty import novelty_settings
 from nextlocmoe.model.personal_moe import PersonalMoE, RoutingContext
 from nextlocmoe.model.pointer import PointerScoredHead
 from nextlocmoe.model.qtmob import QTMob
@@ -45,6 +46,9 @@ class DataInfo:
     xy_std_m: float  # metres per normalised unit
     x_mean: float = 0.0
     y_mean: float = 0.0
+    # record columns loc/user/hour/weekday/split of the prepared data set: the train-split counts of the
+    # exploration head (model/novelty.py); None gives zero counts (filled when a checkpoint is loaded)
+    records: dict | None = None
 
     @property
     def num_locations(self) -> int:
@@ -124,7 +128,7 @@ class NextLocMoE(nn.Module):
             n_fn = self.semantic.num_experts if self.semantic is not None else 0
             self.scored = PointerScoredHead(
                 d_model, info.loc_xy_norm, hc.d_loc_emb, hc.pointer_hidden, cfg.personal_moe.num_experts,
-                n_fn, info.xy_std_m, hc.query_time,
+                n_fn, info.xy_std_m, hc.query_time, novelty_settings(hc, info),
             )  # fmt: skip
         elif hc.scored:
             self.scored = ScoredHead(d_model, info.loc_xy_norm, hc.d_loc_emb)

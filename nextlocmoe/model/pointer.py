@@ -15,6 +15,9 @@ ranking; the loss is its negative log-likelihood).
   ||pred - xy_l||: a learned location embedding and bias (the city's transitions and popularity are learned
   as parameters, no count table that could contain a training target) and distances (id-free).
 - **Gate**: g = sigmoid(w . [gelu(G h) ; logsumexp_j a_j ; log #slots]).
+- **Exploration** (``novelty=True``, model/novelty.py): p_gen is replaced by p_new, a softmax over the
+  places NOT in the pointer window of gen(l) + an id-free, persona- and function-routed candidate score;
+  the gate also sees the user's first-visit share and the novelty evidence, and becomes P(repeat).
 
 Shape legend: B batch, P pointer slots, F slot features, Hd hidden width, D model width, E persona experts,
 Es function experts, L known locations, M location-embedding width.
@@ -28,6 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nextlocmoe.model.novelty import (
+    N_GATE_STATS,
+    CityCounts,
+    NoveltyScorer,
+    gate_stats,
+    novelty_log_probs,
+    visited_mask,
+)
 from nextlocmoe.model.precision import linear32, param32
 
 N_SLOT_FEATURES = 13
@@ -92,7 +103,10 @@ class PointerScoredHead(nn.Module):
         num_functions: int,
         metres_per_unit: float,
         query_time: bool = True,
+        novelty: dict | None = None,
     ) -> None:
+        """``novelty``: None (the generator over every place) or the exploration head's settings
+        {"hidden": int, "top_k": int, "counts": CityCounts | None} (model/novelty.py)."""
         super().__init__()
         self.register_buffer("loc_xy_L2", loc_xy_L2.float().clone(), persistent=True)
         self.metres_per_unit, self.query_time = float(metres_per_unit), bool(query_time)
@@ -109,7 +123,14 @@ class PointerScoredHead(nn.Module):
         self.gen_query = nn.Linear(d_model, d_emb, bias=False)
         self.log_beta = nn.Parameter(torch.zeros(2))  # [current-place, predicted-point] distance scales
         self.gate_h = nn.Linear(d_model, hidden)
-        self.gate_out = nn.Linear(hidden + 2, 1)
+        self.novel: NoveltyScorer | None = None
+        if novelty is not None:
+            counts: CityCounts | None = novelty.get("counts")
+            self.novel = NoveltyScorer(
+                d_model, int(novelty["hidden"]), num_personas, num_functions, L, metres_per_unit,
+                query_time, int(novelty["top_k"]), counts,
+            )  # fmt: skip
+        self.gate_out = nn.Linear(hidden + 2 + (N_GATE_STATS if novelty is not None else 0), 1)
         with torch.no_grad():  # start from "copy with recency + transitions" rather than from zero
             self.v0.normal_(0, 0.1)
 
@@ -142,17 +163,28 @@ class PointerScoredHead(nn.Module):
         pi_BE: torch.Tensor,
         om_BF: torch.Tensor,
     ) -> torch.Tensor:
-        """-> log p [B, L], computed in fp32 whatever the parameters' dtype (model/precision.py)."""
+        """-> log p [B, L], computed in fp32 whatever the parameters' dtype (model/precision.py). In
+        training mode with the exploration head, ``batch["target_loc"]`` (when present) makes its counts
+        leave-one-out (model/novelty.py); evaluation never reads it."""
         h_BD = h_BD.float()
         a_BP = self.copy_scores(h_BD, batch, pi_BE, om_BF)
         w_BP = torch.softmax(a_BP, dim=-1) * (batch["ptr_loc"] >= 0).float()
         L = self.loc_xy_L2.shape[0]
         p_copy = torch.zeros(a_BP.shape[0], L, dtype=torch.float32, device=a_BP.device)
         p_copy = p_copy.scatter_add(1, batch["ptr_loc"].clamp_min(0), w_BP)
-        p_gen = torch.softmax(self.gen_logits(h_BD, pred_xy_B2, batch["cur_xy"][:, -1]), dim=-1)
+        gen = self.gen_logits(h_BD, pred_xy_B2, batch["cur_xy"][:, -1])
         n_slots = (batch["ptr_loc"] >= 0).float().sum(-1, keepdim=True)
         evidence = torch.logsumexp(a_BP, dim=-1, keepdim=True)
         stats = torch.cat([evidence.clamp(-20, 20) / 5.0, torch.log1p(n_slots) / 5.0], -1)
+        if self.novel is None:
+            p_gen = torch.softmax(gen, dim=-1)
+        else:
+            target = batch.get("target_loc") if self.training else None
+            s_BL, explore_BS = self.novel(h_BD, batch, pi_BE, om_BF, self.loc_xy_L2, pred_xy_B2, target)
+            visited = visited_mask(batch["ptr_loc"], L)
+            logits_new = torch.where(visited > 0, torch.full_like(gen, NEG), gen + s_BL)
+            p_gen = torch.exp(novelty_log_probs(logits_new, visited))
+            stats = torch.cat([stats, gate_stats(explore_BS, logits_new)], -1)
         gate_in = torch.cat([F.gelu(linear32(self.gate_h, h_BD)), stats], -1)
         g = torch.sigmoid(linear32(self.gate_out, gate_in))
         g = g * (n_slots > 0).float()

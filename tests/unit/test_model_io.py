@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,22 +38,39 @@ def test_checkpoint_dir_resolves_run_and_checkpoint_folders(tmp_path: Path) -> N
         checkpoint_dir(run / "checkpoints" / "step20")
 
 
-def test_load_weights_same_and_other_location_table(debug_cfg, tmp_path: Path) -> None:
+def _records(n_loc: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    n = 300
+    cols = {"loc": rng.integers(0, n_loc, n), "user": np.sort(rng.integers(0, 5, n))}
+    cols.update(hour=rng.integers(0, 24, n), weekday=rng.integers(0, 7, n), split=rng.choice([0, 0, 1, 2], n))
+    return cols
+
+
+@pytest.mark.parametrize("novelty", [False, True])
+def test_load_weights_same_and_other_location_table(debug_cfg, tmp_path: Path, novelty: bool) -> None:
+    """Another data set keeps its own location entries, with the exploration head its own city counts."""
+    cfg = copy.deepcopy(debug_cfg.model)
+    cfg.heads.novelty = novelty
     torch.manual_seed(0)
-    src = build_model(debug_cfg.model, DataInfo(torch.randn(40, 2), 1000.0))
+    src_info = DataInfo(torch.randn(40, 2), 1000.0, records=_records(40, 0))
+    src = build_model(cfg, src_info)
     ckpt = _checkpoint(src, tmp_path / "run")
     want = src.state_dict()
+    if novelty:
+        assert want["scored.novel.visits_L"].sum() > 0
 
     torch.manual_seed(1)  # another init: every loaded tensor must change to the source's
-    same = build_model(debug_cfg.model, DataInfo(src.scored.loc_xy_L2.clone(), 1000.0))
-    assert load_weights(same, ckpt, DataInfo(src.scored.loc_xy_L2.clone(), 1000.0)) is False
+    same_info = DataInfo(src.scored.loc_xy_L2.clone(), 1000.0)  # no records: zero counts until loaded
+    same = build_model(cfg, same_info)
+    assert load_weights(same, ckpt, same_info) is False
     for k, v in same.state_dict().items():
         assert torch.equal(v, want[k]), k
 
     torch.manual_seed(1)
-    other_info = DataInfo(torch.randn(25, 2), 1000.0)  # another data set: 25 locations
-    other = build_model(debug_cfg.model, other_info)
+    other_info = DataInfo(torch.randn(25, 2), 1000.0, records=_records(25, 1))  # another data set: 25 places
+    other = build_model(cfg, other_info)
     own = {k: v.clone() for k, v in other.state_dict().items() if k in LOCATION_KEYS}
+    assert any(k.startswith("scored.novel.") for k in own) == novelty
     assert load_weights(other, ckpt, other_info) is True
     for k, v in other.state_dict().items():
         assert torch.equal(v, own[k] if k in LOCATION_KEYS else want[k]), k

@@ -56,3 +56,24 @@ def test_exploration_baselines_rank_unvisited_places_first(prepared_fsq: Path) -
         for name in ("explore_nearby", "explore_markov"):
             top = np.lexsort([-k[i] for k in reversed(keys[name])])[: L - len(visited)]
             assert not visited & set(top.tolist()), (name, i)
+
+
+def test_routing_slices_are_the_slices_mean_mixes() -> None:
+    from nextlocmoe.eval.slices import routing_slices
+
+    rng = np.random.default_rng(0)
+    N, S, E, C, Es = 10, 6, 4, 3, 5
+    probs = rng.dirichlet(np.ones(E), (N, S))
+    sem = rng.dirichlet(np.ones(Es), (N, C))
+    mask = np.zeros((N, S), bool)
+    mask[:, -C:] = True
+    novel = np.arange(N) % 3 == 0
+    out = routing_slices({"per_probs": [probs], "sem_probs": sem}, mask, {"repeat": ~novel, "novel": novel})
+    assert out["novel"]["n"] == novel.sum() and out["repeat"]["n"] == (~novel).sum()
+    want = probs[novel][:, -C:].mean(1).mean(0)
+    assert np.allclose(out["novel"]["persona_mix"][0], want)
+    assert np.allclose(out["repeat"]["function_mix"], sem[~novel].mean(1).mean(0))
+    js = out["repeat_vs_novel_js"]
+    assert 0 < js["persona"][0] < 1 and 0 < js["function"] < 1
+    same = routing_slices({"per_probs": [probs], "sem_probs": None}, mask, {"repeat": novel, "novel": novel})
+    assert same["repeat_vs_novel_js"]["persona"][0] == 0.0 and same["repeat_vs_novel_js"]["function"] is None

@@ -1,0 +1,259 @@
+"""Exploration: the explore part of the pointer head as a distribution over the places the user has NOT
+visited in the pointer window (issue 23, docs/MODEL_QUALITY.md "Exploration").
+
+With ``model.heads.novelty`` the scored head is p(l) = g p_copy(l) + (1 - g) p_new(l) where p_copy lives on
+the window's places and p_new on every other place, so g is P(the target is a repeat) and copy mass can no
+longer swamp the unvisited candidates; NLL on this mixture trains the gate on repeats and novel targets alike
+and p_new on the novel targets only.
+
+p_new(l) = softmax over unvisited l of s(l) + gen(l), where gen is the pointer head's generator (learned
+location embedding and bias, distances) and s is this module's id-free candidate score
+
+    s(l) = sum_h gelu(W f_l + Q h)_h (v_0 + sum_e pi_e v_e + sum_f omega_f u_f)_h
+           + f_l . (a_0 + sum_e pi_e a_e + sum_f omega_f b_f)          (a_0 starts at a gravity score)
+
+with the candidate features f_l (F = 8): log distance to the current place, to the nearest current-window
+record, to the coordinate head's predicted point and to the centroid of the window; log visit count of l in
+the train split, in the query's time bin (3-hour bin x weekday/weekend) and their difference (time fit);
+log count of the train-split transition current place -> l (top ``novelty_transitions`` successors per
+place). The persona routing weights pi and the function routing weights omega choose the scoring vector, as
+in the copy slots: the routers decide where a person like this goes when it goes somewhere new.
+
+Counts are over the whole train split (``city_counts``). On a training batch (module in training mode, the
+target given) each count is leave-one-out: the sample's own target record (and its transition from the
+current place) is subtracted, so no training score sees its own target; evaluation never reads the target.
+
+Gate features added here (``gate_stats``, S = 4): the share of first visits among the window's last 64
+records (how much this user explores), whether the last two input records were first visits, and the
+log-sum-exp of the novelty scores.
+
+Shape legend: B batch, L known locations, P pointer slots, C current records, F candidate features,
+Hd hidden width, E persona experts, Es function experts, T time bins, K kept successors, S gate stats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nextlocmoe.model.precision import linear32, param32
+
+N_CAND_FEATURES = 8
+N_GATE_STATS = 4
+N_TIME_BINS = 16  # 8 three-hour bins x (weekday, weekend)
+RATE_WINDOW = 64  # last slots over which the user's first-visit share is measured
+NEG = -1e4
+
+
+@dataclass
+class CityCounts:
+    """Train-split counts of a prepared data set (numpy, built by ``city_counts``)."""
+
+    visits_L: np.ndarray  # [L] records per place
+    visits_LT: np.ndarray  # [L, T] records per place and time bin
+    succ_ids_LK: np.ndarray  # [L, K] the K most frequent successors of each place (padding: id 0, count 0)
+    succ_cnt_LK: np.ndarray  # [L, K] their transition counts
+
+
+def time_bin(hour: torch.Tensor | np.ndarray, weekday: torch.Tensor | np.ndarray):
+    """Time bin 0..15: three-hour bin of the day + 8 on Saturday/Sunday (weekday 5, 6)."""
+    return hour // 3 + 8 * (weekday >= 5)
+
+
+def city_counts(records: dict[str, np.ndarray], n_loc: int, top_k: int) -> CityCounts:
+    """Visit, time-bin and transition counts over the TRAIN split (``split == 0``) of ``records``
+    (columns loc, user, hour, weekday, split). A transition i -> i+1 counts when both records belong to
+    the same user and record i+1 is a train record (as the ``markov`` baseline)."""
+    loc = records["loc"].astype(np.int64)
+    user, train = records["user"], records["split"] == 0
+    visits_L = np.bincount(loc[train], minlength=n_loc).astype(np.float32)
+    tb = time_bin(records["hour"].astype(np.int64), records["weekday"].astype(np.int64))
+    visits_LT = np.zeros((n_loc, N_TIME_BINS), np.float32)
+    np.add.at(visits_LT, (loc[train], tb[train]), 1.0)
+    step = np.flatnonzero((user[1:] == user[:-1]) & train[1:])
+    pair = loc[step] * n_loc + loc[step + 1]
+    keys, cnt = np.unique(pair, return_counts=True)
+    src, dst = keys // n_loc, keys % n_loc
+    order = np.lexsort((-cnt, src))  # by source, most frequent first
+    src, dst, cnt = src[order], dst[order], cnt[order]
+    first = np.searchsorted(src, src, side="left")
+    rank = np.arange(len(src)) - first
+    keep = rank < top_k
+    ids = np.zeros((n_loc, top_k), np.int64)
+    cnts = np.zeros((n_loc, top_k), np.float32)
+    ids[src[keep], rank[keep]] = dst[keep]
+    cnts[src[keep], rank[keep]] = cnt[keep]
+    return CityCounts(visits_L, visits_LT, ids, cnts)
+
+
+def _log_dist(xy_B2: torch.Tensor, xy_L2: torch.Tensor, metres_per_unit: float) -> torch.Tensor:
+    """log(1 + metres / 100) / 5 between points [B, 2] and places [L, 2] -> [B, L]."""
+    diff = xy_B2.float().unsqueeze(1) - xy_L2.unsqueeze(0)
+    d = torch.sqrt((diff * diff).sum(-1) + 1e-12) * metres_per_unit
+    return torch.log1p(d / 100.0) / 5.0
+
+
+def visited_mask(ptr_loc_BP: torch.Tensor, n_loc: int) -> torch.Tensor:
+    """[B, L] float: 1 where the place occurs among the valid pointer slots (scatter-add: exportable)."""
+    valid = (ptr_loc_BP >= 0).float()
+    hits = torch.zeros(ptr_loc_BP.shape[0], n_loc, dtype=torch.float32, device=ptr_loc_BP.device)
+    return (hits.scatter_add(1, ptr_loc_BP.clamp_min(0), valid) > 0).float()
+
+
+def first_visits(ptr_loc_BP: torch.Tensor) -> torch.Tensor:
+    """[B, P] float: 1 where slot j is valid and its place occurs in no earlier valid slot."""
+    P = ptr_loc_BP.shape[1]
+    valid = ptr_loc_BP >= 0
+    same = ptr_loc_BP.unsqueeze(2) == ptr_loc_BP.unsqueeze(1)  # [B, j, k]
+    earlier = torch.ones(P, P, dtype=torch.bool, device=ptr_loc_BP.device).tril(-1)
+    seen = (same & earlier.unsqueeze(0) & valid.unsqueeze(1)).any(-1)
+    return (valid & ~seen).float()
+
+
+class NoveltyScorer(nn.Module):
+    """Id-free scores of unvisited candidates and the gate's exploration statistics (module docstring)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int,
+        num_personas: int,
+        num_functions: int,
+        n_loc: int,
+        metres_per_unit: float,
+        query_time: bool,
+        top_k: int,
+        counts: CityCounts | None = None,
+    ) -> None:
+        super().__init__()
+        self.metres_per_unit, self.query_time = float(metres_per_unit), bool(query_time)
+        if counts is None:  # no data set at hand (tests, shape-only builds): zero counts, filled by loading
+            z = np.zeros
+            counts = CityCounts(z(n_loc, np.float32), z((n_loc, N_TIME_BINS), np.float32),
+                                z((n_loc, top_k), np.int64), z((n_loc, top_k), np.float32))  # fmt: skip
+        got = (counts.visits_L.shape[0], counts.succ_ids_LK.shape[1])
+        if got != (n_loc, top_k):
+            raise ValueError(f"city counts for (places, successors) {got}, the model wants {(n_loc, top_k)}")
+        self.register_buffer("visits_L", torch.as_tensor(counts.visits_L).float().clone())
+        self.register_buffer("visits_LT", torch.as_tensor(counts.visits_LT).float().clone())
+        self.register_buffer("succ_ids_LK", torch.as_tensor(counts.succ_ids_LK).long().clone())
+        self.register_buffer("succ_cnt_LK", torch.as_tensor(counts.succ_cnt_LK).float().clone())
+        self.hidden = int(hidden)  # 0: the routed linear part only (no per-candidate MLP)
+        if self.hidden > 0:
+            self.cand_in = nn.Linear(N_CAND_FEATURES, hidden)
+            self.query_in = nn.Linear(d_model, hidden, bias=False)
+            self.v0 = nn.Parameter(torch.zeros(hidden))
+            self.v_persona = nn.Parameter(torch.zeros(num_personas, hidden))
+            self.v_function = nn.Parameter(torch.zeros(max(num_functions, 1), hidden))
+        # linear part, routed the same way: s += f . (a_0 + sum_e pi_e a_e + sum_f omega_f b_f)
+        self.a0 = nn.Parameter(torch.zeros(N_CAND_FEATURES))
+        self.a_persona = nn.Parameter(torch.zeros(num_personas, N_CAND_FEATURES))
+        self.a_function = nn.Parameter(torch.zeros(max(num_functions, 1), N_CAND_FEATURES))
+        with torch.no_grad():  # start from gravity (explore_nearby's score + successors), not from zero
+            self.a0[0], self.a0[4], self.a0[7] = -10.0, 5.0, 4.0
+
+    def counts_BL(self, batch: dict[str, torch.Tensor], target_B: torch.Tensor | None) -> list[torch.Tensor]:
+        """log1p of the visit count, the count in the query's time bin and the transition count from the
+        current place, each [B, L]; leave-one-out for ``target_B`` (the sample's own target record)."""
+        B, L = batch["ptr_loc"].shape[0], self.visits_L.shape[0]
+        if self.query_time:
+            tb = time_bin(batch["query_hour"].long(), batch["query_weekday"].long())
+        else:
+            tb = time_bin(batch["cur_hour"][:, -1].long(), batch["cur_weekday"][:, -1].long())
+        visits = self.visits_L.unsqueeze(0).expand(B, L)
+        in_bin = self.visits_LT.t()[tb.clamp(0, N_TIME_BINS - 1)]  # [B, L]
+        cur = batch["cur_loc"][:, -1].clamp_min(0)
+        trans = torch.zeros(B, L, dtype=torch.float32, device=visits.device)
+        trans = trans.scatter_add(1, self.succ_ids_LK[cur], self.succ_cnt_LK[cur])
+        if target_B is not None:  # leave one out: the target record is one train visit and one transition
+            own = F.one_hot(target_B.long(), L).float()
+            t_bin = time_bin(batch["query_hour"].long(), batch["query_weekday"].long())
+            visits = (visits - own).clamp_min(0)
+            in_bin = (in_bin - own * (t_bin == tb).float().unsqueeze(1)).clamp_min(0)
+            trans = (trans - own).clamp_min(0)
+        return [torch.log1p(visits), torch.log1p(in_bin), torch.log1p(trans)]
+
+    def features(
+        self, batch: dict[str, torch.Tensor], loc_xy_L2: torch.Tensor, pred_xy_B2: torch.Tensor,
+        target_B: torch.Tensor | None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Candidate features f [B, L, F] (module docstring); no location id enters except through the
+        counts' equality lookups."""
+        m = self.metres_per_unit
+        d_cur = _log_dist(batch["cur_xy"][:, -1], loc_xy_L2, m)
+        C = batch["cur_xy"].shape[1]
+        d_win = torch.stack([_log_dist(batch["cur_xy"][:, c], loc_xy_L2, m) for c in range(C)], -1).amin(-1)
+        d_pred = _log_dist(pred_xy_B2, loc_xy_L2, m)
+        valid = (batch["ptr_loc"] >= 0).float().unsqueeze(-1)
+        n = valid.sum(1).clamp_min(1.0)
+        centre = torch.where(valid.sum(1) > 0, (batch["ptr_xy"].float() * valid).sum(1) / n,
+                             batch["cur_xy"][:, -1].float())  # fmt: skip
+        d_centre = _log_dist(centre, loc_xy_L2, m)
+        visits, in_bin, trans = self.counts_BL(batch, target_B)
+        feats = [
+            d_cur,
+            d_win,
+            d_pred,
+            d_centre,
+            visits / 5.0,
+            in_bin / 5.0,
+            (in_bin - visits) / 2.0,
+            trans / 2.0,
+        ]
+        return torch.stack(feats, -1)
+
+    def forward(
+        self,
+        h_BD: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        pi_BE: torch.Tensor,
+        om_BF: torch.Tensor,
+        loc_xy_L2: torch.Tensor,
+        pred_xy_B2: torch.Tensor,
+        target_B: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (id-free scores s [B, L], fp32; visited places are NOT masked here, exploration gate
+        statistics [B, S] without the novelty evidence: ``gate_stats`` adds it)."""
+        f_BLF = self.features(batch, loc_xy_L2, pred_xy_B2, target_B)
+        a_BF = param32(self.a0) + pi_BE.float() @ param32(self.a_persona)
+        a_BF = a_BF + om_BF.float() @ param32(self.a_function)
+        s_BL = (f_BLF * a_BF.unsqueeze(1)).sum(-1)
+        if self.hidden > 0:
+            z_BLH = F.gelu(linear32(self.cand_in, f_BLF) + linear32(self.query_in, h_BD.float()).unsqueeze(1))
+            v_BH = param32(self.v0) + pi_BE.float() @ param32(self.v_persona)
+            v_BH = v_BH + om_BF.float() @ param32(self.v_function)
+            s_BL = s_BL + (z_BLH * v_BH.unsqueeze(1)).sum(-1)
+        new_BP = first_visits(batch["ptr_loc"])
+        P = new_BP.shape[1]
+        tail = (batch["ptr_loc"][:, -min(RATE_WINDOW, P) :] >= 0).float()
+        rate = (new_BP[:, -min(RATE_WINDOW, P) :] * tail).sum(-1) / tail.sum(-1).clamp_min(1.0)
+        last2 = new_BP[:, -2:] if P >= 2 else F.pad(new_BP, (1, 0))
+        return s_BL, torch.cat([rate.unsqueeze(1), last2], -1)
+
+
+def gate_stats(stats_B3: torch.Tensor, logits_new_BL: torch.Tensor) -> torch.Tensor:
+    """[B, S]: the scorer's statistics + the log-sum-exp of the (masked) novelty logits, scaled."""
+    ev = torch.logsumexp(logits_new_BL, dim=-1, keepdim=True).clamp(-20, 20) / 5.0
+    return torch.cat([stats_B3, ev], -1)
+
+
+def novelty_log_probs(logits_BL: torch.Tensor, visited_BL: torch.Tensor) -> torch.Tensor:
+    """log p_new [B, L]: softmax over the unvisited places; visited places get log-probability NEG-ish
+    (exp underflows to 0, finite for export). When every place is visited the distribution is uniform-ish
+    over nothing: callers put all mass on the copy then (the gate)."""
+    masked = torch.where(visited_BL > 0, torch.full_like(logits_BL, NEG), logits_BL)
+    return torch.log_softmax(masked, dim=-1)
+
+
+def novelty_settings(heads_cfg, info) -> dict | None:
+    """The pointer head's ``novelty`` argument from ``model.heads`` and a ``DataInfo`` (None when off);
+    counts from ``info.records`` when present."""
+    if not heads_cfg.novelty:
+        return None
+    k = heads_cfg.novelty_transitions
+    counts = city_counts(info.records, info.num_locations, k) if info.records is not None else None
+    return {"hidden": heads_cfg.novelty_hidden, "top_k": k, "counts": counts}
