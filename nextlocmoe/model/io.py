@@ -40,7 +40,7 @@ def data_info_from_dir(data_dir: str | Path, stats_dir: str | Path | None = None
     stats = load_stats(stats_dir or data_dir)
     xy = normalise_xy(load_locations(data_dir)["xy"], stats)
     cols = ("loc", "user", "hour", "weekday", "split")  # the exploration head's train-split counts
-    records = {c: np.load(Path(data_dir) / "records" / f"{c}.npy") for c in cols}
+    records = {c: np.load(Path(data_dir) / "records" / f"{c}.npy", mmap_mode="r") for c in cols}
     return DataInfo(
         torch.tensor(xy, dtype=torch.float32),
         float(stats["xy_std"]),
