@@ -190,8 +190,9 @@ def test_srun_binding_starts_the_group_on_device_0(monkeypatch) -> None:
     assert "if not torch.distributed.is_initialized()" in src and "LOCAL_RANK" in src
     for k, v in {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "3"}.items():
         monkeypatch.setenv(k, v)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(k, raising=False)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(k, "")  # recorded, so what train.launch writes into os.environ is undone too
+        monkeypatch.delenv(k)
     state = {"init": False, "calls": []}
 
     def fake_init(backend=None, **kw):
