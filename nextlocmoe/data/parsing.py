@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -75,8 +76,18 @@ def _first_bad_utf8_line(path: Path) -> str:
 
 
 def read_csv_columns(path: Path, required: list[str], optional: list[str] = ()) -> CsvColumns:
-    """Read `required` (+ present `optional`) columns of a headed CSV; rows with a wrong column count are
-    counted as malformed (e.g. a truncated last line) and skipped.
+    """Read `required` (+ present `optional`) columns of a headed CSV (or Parquet) whole: the one chunk of
+    `iter_csv_columns` with no row limit."""
+    return next(iter_csv_columns(path, required, optional, chunk_rows=0))
+
+
+def iter_csv_columns(
+    path: Path, required: list[str], optional: list[str] = (), chunk_rows: int = 0
+) -> Iterator[CsvColumns]:
+    """The `required` (+ present `optional`) columns of a headed CSV in chunks of up to ``chunk_rows`` kept
+    rows (0 = one chunk); rows with a wrong column count are counted as malformed (e.g. a truncated last
+    line) and skipped. Each chunk counts its own rows; the last one carries the hash of every byte read
+    (and is yielded even when empty). Parquet files go to `iter_parquet_columns`.
 
     Accepts what spreadsheets write: a UTF-8 byte-order mark, CRLF line ends, quoted fields (with commas or
     quotes inside), spaces around header names. Raises DataError naming the file (and line) when the file
@@ -86,8 +97,9 @@ def read_csv_columns(path: Path, required: list[str], optional: list[str] = ()) 
 
     path = Path(path)
     if path.suffix.lower() in sanity.PARQUET:
-        return read_parquet_columns(path, required, optional)
-    line_no = 0
+        yield from iter_parquet_columns(path, required, optional, chunk_rows)
+        return
+    line_no, first_bad, n_bad = 0, 0, 0
     try:
         before = sanity.file_state(path)
         raw = sanity.HashingReader(sanity.open_binary(path))
@@ -115,9 +127,13 @@ def read_csv_columns(path: Path, required: list[str], optional: list[str] = ()) 
                 n_rows += 1
                 if len(row) != width:
                     bad.append(reader.line_num)
+                    first_bad, n_bad = first_bad or reader.line_num, n_bad + 1
                     continue
                 rows.append([row[i] for i in idx])
                 lines.append(reader.line_num)
+                if len(rows) == chunk_rows:
+                    yield _columns(path, header, wanted, rows, lines, n_rows, bad, "")
+                    rows, lines, bad, n_rows = [], [], [], 0
             f.read()  # the rest (nothing, normally): the hash covers every byte
         sanity.check_unchanged(path, before)
     except UnicodeDecodeError:
@@ -128,14 +144,18 @@ def read_csv_columns(path: Path, required: list[str], optional: list[str] = ()) 
         raise DataError(f"{path}: line {line_no + 1}: cannot parse CSV ({e})") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read CSV ({e})") from None
-    if bad:
-        log.warning(
-            "%s: %d row(s) with a wrong column count (first at line %d): dropped", path, len(bad), bad[0]
-        )
+    if n_bad:
+        msg = "%s: %d row(s) with a wrong column count (first at line %d): dropped"
+        log.warning(msg, path, n_bad, first_bad)
+    yield _columns(path, header, wanted, rows, lines, n_rows, bad, raw.sha.hexdigest())
+
+
+def _columns(path, header, wanted, rows, lines, n_rows, bad, sha) -> CsvColumns:
+    """One chunk of rows (lists of str) -> CsvColumns (str arrays per column)."""
     table = np.array(rows, dtype=str).reshape(len(rows), len(wanted))
     cols = {c: table[:, j] for j, c in enumerate(wanted)}
     lines_a = np.asarray(lines, dtype=np.int64)
-    return CsvColumns(path, header, cols, lines_a, n_rows, len(bad), bad[:20], raw.sha.hexdigest())
+    return CsvColumns(path, header, cols, lines_a, n_rows, len(bad), bad[:20], sha)
 
 
 def _refuse_duplicates(path: Path, header: list[str]) -> None:
@@ -146,37 +166,58 @@ def _refuse_duplicates(path: Path, header: list[str]) -> None:
                         "rename them so that each column is read unambiguously")  # fmt: skip
 
 
-def read_parquet_columns(path: Path, required: list[str], optional: list[str] = ()) -> CsvColumns:
-    """The columns of a Parquet file as strings (pyarrow), with the CSV reader's accounting: "line" k+1 is
-    row k (the header is line 1); the hash is of the file's bytes, checked unchanged after the read."""
+def iter_parquet_columns(
+    path: Path, required: list[str], optional: list[str] = (), chunk_rows: int = 0
+) -> Iterator[CsvColumns]:
+    """The columns of a Parquet file as strings (pyarrow), in chunks of ``chunk_rows`` rows (0 = one), with
+    the CSV reader's accounting: "line" k+1 is row k (the header is line 1); the hash (on the last chunk) is
+    of the file's bytes, checked unchanged after the read."""
     import pyarrow.parquet as pq
 
     from nextlocmoe.data import sanity
 
     before = sanity.file_state(path)
     try:
-        schema = pq.read_schema(path)
-        header = list(schema.names)
+        pf = pq.ParquetFile(path)
+        header = list(pf.schema_arrow.names)
         _refuse_duplicates(path, header)
         missing = [c for c in required if c not in header]
         if missing:
             raise DataError(f"{path}: header lacks required column(s) {missing}; has {header}")
         wanted = [c for c in list(required) + list(optional) if c in header]
-        table = pq.read_table(path, columns=wanted)
+        n_total = pf.metadata.num_rows
+        batches = pf.iter_batches(batch_size=chunk_rows or max(n_total, 1), columns=wanted)
+        start = 0
+        for batch in batches:
+            n = batch.num_rows
+            if start + n == n_total:
+                break
+            yield _parquet_chunk(path, header, wanted, batch, start)
+            start += n
+        else:
+            batch = None
     except (OSError, ValueError) as e:
         if isinstance(e, DataError):
             raise
         raise DataError(f"{path}: cannot read Parquet ({str(e).splitlines()[0]})") from None
-    cols = {c: np.array([("" if v is None else str(v)) for v in table.column(c).to_pylist()], dtype=str)
-            for c in wanted}  # fmt: skip
-    n = table.num_rows
     sha = sha256_file(path)
     sanity.check_unchanged(path, before)
-    return CsvColumns(path, header, cols, np.arange(2, n + 2, dtype=np.int64), n, 0, [], sha)
+    last = _parquet_chunk(path, header, wanted, batch, start)
+    last.sha256 = sha
+    yield last
 
 
-def load_npy(path: Path, ncols: int, kinds: str, what: str) -> np.ndarray:
-    """Load a 2-D .npy array [R, ncols] with dtype kind in `kinds` ('iu', 'f', ...); DataError otherwise."""
+def _parquet_chunk(path: Path, header: list[str], wanted: list[str], batch, start: int) -> CsvColumns:
+    """A pyarrow RecordBatch (None = no rows) -> CsvColumns of str arrays, lines start+2 ... ."""
+    n = 0 if batch is None else batch.num_rows
+    cols = {c: np.array([("" if v is None else str(v)) for v in batch.column(c).to_pylist()] if n else [],
+                        dtype=str) for c in wanted}  # fmt: skip
+    return CsvColumns(path, header, cols, np.arange(start + 2, start + n + 2, dtype=np.int64), n, 0, [], "")
+
+
+def load_npy(path: Path, ncols: int, kinds: str, what: str, mmap: bool = False) -> np.ndarray:
+    """Load a 2-D .npy array [R, ncols] with dtype kind in `kinds` ('iu', 'f', ...); DataError otherwise.
+    ``mmap``: memory-mapped read-only (the streaming prepare reads it in chunks)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found ({what})")
@@ -185,9 +226,9 @@ def load_npy(path: Path, ncols: int, kinds: str, what: str) -> np.ndarray:
     if magic != b"\x93NUMPY":
         raise DataError(f"{path}: not a .npy file (no NumPy header; {what})")
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except ValueError as e:
-        if "pickle" in str(e):  # an object array: unpickling could run code
+        if "pickle" in str(e) or "Python objects" in str(e):  # an object array: unpickling could run code
             raise DataError(f"{path}: holds pickled Python objects, refused (expected {what})") from None
         raise DataError(f"{path}: cannot read .npy ({e})") from None
     except (OSError, EOFError) as e:
