@@ -75,30 +75,143 @@ def _first_bad_utf8_line(path: Path) -> str:
     return "unknown line"
 
 
+class IrregularCsv(Exception):
+    """The fast CSV reader met something only the exact reader accounts for (a blank or malformed line, a
+    quoted line break, bytes that are not UTF-8): the caller starts over with ``exact=True``."""
+
+
 def read_csv_columns(path: Path, required: list[str], optional: list[str] = ()) -> CsvColumns:
     """Read `required` (+ present `optional`) columns of a headed CSV (or Parquet) whole: the one chunk of
     `iter_csv_columns` with no row limit."""
-    return next(iter_csv_columns(path, required, optional, chunk_rows=0))
+    try:
+        return next(iter_csv_columns(path, required, optional, chunk_rows=0))
+    except IrregularCsv:
+        return next(iter_csv_columns(path, required, optional, chunk_rows=0, exact=True))
 
 
 def iter_csv_columns(
-    path: Path, required: list[str], optional: list[str] = (), chunk_rows: int = 0
+    path: Path,
+    required: list[str],
+    optional: list[str] = (),
+    chunk_rows: int = 0,
+    exact: bool = False,
+    arrow: bool = False,
 ) -> Iterator[CsvColumns]:
-    """The `required` (+ present `optional`) columns of a headed CSV in chunks of up to ``chunk_rows`` kept
-    rows (0 = one chunk); rows with a wrong column count are counted as malformed (e.g. a truncated last
-    line) and skipped. Each chunk counts its own rows; the last one carries the hash of every byte read
-    (and is yielded even when empty). Parquet files go to `iter_parquet_columns`.
+    """The `required` (+ present `optional`) columns of a headed CSV in chunks of about ``chunk_rows``
+    rows (0 = one chunk), as str arrays. Each chunk counts its own rows; the last one carries the hash of
+    every byte read (and is yielded even when empty). Parquet files go to `iter_parquet_columns`.
 
-    Accepts what spreadsheets write: a UTF-8 byte-order mark, CRLF line ends, quoted fields (with commas or
-    quotes inside), spaces around header names. Raises DataError naming the file (and line) when the file
-    cannot be read, is not UTF-8, or the header lacks a required column.
+    Two readers with one result: the fast one (pyarrow's multithreaded CSV parser) reads regular files,
+    where data row k is line k + 2, and raises `IrregularCsv` (possibly after some chunks) on anything
+    else; the exact one (``exact=True``, Python's csv module) counts blank lines out and rows with a wrong
+    column count as malformed (e.g. a truncated last line), with their line numbers. ``arrow``: the fast
+    reader's columns stay Arrow arrays (cheap to send to a worker process; `numpy_columns` converts).
     """
     from nextlocmoe.data import sanity
 
     path = Path(path)
     if path.suffix.lower() in sanity.PARQUET:
         yield from iter_parquet_columns(path, required, optional, chunk_rows)
-        return
+    elif exact:
+        yield from _iter_csv_exact(path, required, optional, chunk_rows)
+    else:
+        yield from _iter_csv_fast(path, required, optional, chunk_rows, arrow)
+
+
+def _header(path: Path, required: list[str], optional: list[str]) -> tuple[list[str], list[str]]:
+    """(header names stripped, the wanted ones present); DataError on an empty file, a duplicate name or a
+    missing required column; IrregularCsv when the header is not one plain UTF-8 line."""
+    from nextlocmoe.data import sanity
+
+    try:
+        with io.TextIOWrapper(sanity.open_binary(path), encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if reader.line_num > 1:
+                raise IrregularCsv("header over several lines")
+    except (UnicodeDecodeError, csv.Error, OSError) as e:
+        raise IrregularCsv(str(e)) from None
+    if header is None:
+        raise DataError(f"{path}: empty file, expected a header line")
+    header = [h.strip() for h in header]
+    _refuse_duplicates(path, header)
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataError(f"{path}: line 1: header lacks required column(s) {missing}; has {header}")
+    return header, [c for c in list(required) + list(optional) if c in header]
+
+
+def _iter_csv_fast(
+    path: Path, required: list[str], optional: list[str], chunk_rows: int, arrow: bool
+) -> Iterator[CsvColumns]:
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    from nextlocmoe.data import sanity
+
+    header, wanted = _header(path, required, optional)
+    if len(header) < 2:
+        raise IrregularCsv("one column: blank lines would be rows")
+    before = sanity.file_state(path)
+    raw = sanity.HashingReader(sanity.open_binary(path))
+    read = pcsv.ReadOptions(
+        skip_rows=1, column_names=[f"c{i}" for i in range(len(header))], block_size=1 << 24
+    )
+    parse = pcsv.ParseOptions(ignore_empty_lines=True, newlines_in_values=False)
+    idx = {c: f"c{header.index(c)}" for c in wanted}
+    names = list(idx.values())
+    conv = pcsv.ConvertOptions(include_columns=names, column_types=dict.fromkeys(names, pa.string()),
+                               strings_can_be_null=False, quoted_strings_can_be_null=False)  # fmt: skip
+    start, pending, n_pending = 0, [], 0
+    try:
+        with io.BufferedReader(raw, 1 << 20) as f:
+            reader = pcsv.open_csv(f, read_options=read, parse_options=parse, convert_options=conv)
+            for batch in reader:
+                pending.append(batch)
+                n_pending += batch.num_rows
+                if chunk_rows and n_pending >= chunk_rows:
+                    yield _arrow_chunk(path, header, idx, pending, start, "", arrow)
+                    start, pending, n_pending = start + n_pending, [], 0
+            f.read()
+    except (pa.ArrowInvalid, UnicodeDecodeError, OSError) as e:
+        raise IrregularCsv(str(e)) from None
+    sanity.check_unchanged(path, before)
+    if raw.lines() != 1 + start + n_pending:  # blank lines or line breaks in values: not row k = line k + 2
+        raise IrregularCsv(f"{raw.lines()} lines for {start + n_pending} rows")
+    yield _arrow_chunk(path, header, idx, pending, start, raw.sha.hexdigest(), arrow)
+
+
+def _arrow_chunk(
+    path: Path, header: list[str], idx: dict[str, str], batches: list, start: int, sha: str, arrow: bool
+) -> CsvColumns:
+    """Arrow batches of one chunk (data rows start.. of a regular file) -> CsvColumns of str arrays (Arrow
+    string arrays with ``arrow``)."""
+    import pyarrow as pa
+
+    n = sum(b.num_rows for b in batches)
+    cols = {
+        c: pa.chunked_array([b.column(name) for b in batches], type=pa.string()) for c, name in idx.items()
+    }
+    lines = np.arange(start + 2, start + n + 2, dtype=np.int64)
+    c = CsvColumns(path, header, cols, lines, n, 0, [], sha)
+    return c if arrow else numpy_columns(c)
+
+
+def numpy_columns(c: CsvColumns) -> CsvColumns:
+    """The chunk with its Arrow columns (``arrow`` reads) as numpy str (object) arrays, in place."""
+    c.cols = {k: v if isinstance(v, np.ndarray) else v.to_numpy() for k, v in c.cols.items()}
+    return c
+
+
+def _iter_csv_exact(
+    path: Path, required: list[str], optional: list[str] = (), chunk_rows: int = 0
+) -> Iterator[CsvColumns]:
+    """Python's csv module, line by line (see `iter_csv_columns`). Accepts what spreadsheets write: a UTF-8
+    byte-order mark, CRLF line ends, quoted fields (with commas, quotes or line breaks inside), spaces around
+    header names. Raises DataError naming the file (and line) when the file cannot be read, is not UTF-8, or
+    the header lacks a required column."""
+    from nextlocmoe.data import sanity
+
     line_no, first_bad, n_bad = 0, 0, 0
     try:
         before = sanity.file_state(path)
@@ -241,7 +354,18 @@ def load_npy(path: Path, ncols: int, kinds: str, what: str, mmap: bool = False) 
 
 
 def parse_float(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[R] str -> ([R] float64, [R] bool ok); garbled, empty or non-finite values are not ok (NaN)."""
+    """[R] str -> ([R] float64, [R] bool ok); garbled, empty or non-finite values are not ok (NaN).
+    Arrow's cast (correctly rounded, like Python's float) converts a column that parses whole; any other
+    goes value by value."""
+    if values.dtype.kind in "OU" and len(values):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        try:
+            out = pc.cast(pa.array(values, type=pa.string()), pa.float64()).to_numpy(zero_copy_only=False)
+            return out, np.isfinite(out)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            pass
     try:
         out = values.astype(np.float64)
     except ValueError:

@@ -42,6 +42,7 @@ class HashingReader(io.RawIOBase):
 
     def __init__(self, raw) -> None:
         self.raw, self.sha = raw, hashlib.sha256()
+        self.newlines, self.last = 0, b""  # line feeds read, and the last byte
 
     def readable(self) -> bool:
         return True
@@ -55,7 +56,14 @@ class HashingReader(io.RawIOBase):
         n = len(data)
         b[:n] = data
         self.sha.update(data)
+        if n:
+            self.newlines += data.count(b"\n")
+            self.last = data[-1:]
         return n
+
+    def lines(self) -> int:
+        """Physical lines read (a last line without a line feed counts)."""
+        return self.newlines + (1 if self.last not in (b"", b"\n") else 0)
 
 
 def file_state(path: Path) -> tuple[int, int]:

@@ -271,8 +271,15 @@ def note_malformed(c, dropped: Counter, examples: dict, first: dict) -> None:
 
 
 def _parse_llmmob_part(
-    raw: dict[str, np.ndarray], dataset: str, dropped: Counter, examples: dict, where: tuple, first: dict
-) -> dict[str, np.ndarray]:
+    raw: dict[str, np.ndarray],
+    dataset: str,
+    dropped: Counter,
+    examples: dict,
+    where: tuple,
+    first: dict,
+    with_keep: bool = False,
+):
+    """Parsed kept rows of one LLM-Mob CSV (chunk); ``with_keep``: also the [n] keep mask."""
     user, ok_u = parse_id(raw["user_id"])
     venue, ok_v = parse_id(raw["location_id"])
     day, ok_d = parse_int(raw["start_day"])
@@ -302,4 +309,5 @@ def _parse_llmmob_part(
     keep = _apply_reasons(reasons, dropped, len(user), examples, where, first)
     out.update(user=user, venue=venue, t_min=day * 1440 + minute, weekday=weekday.astype(np.int8))
     out["hour"] = (minute // 60).astype(np.int8)
-    return {k: v[keep] for k, v in out.items()}
+    kept = {k: v[keep] for k, v in out.items()}
+    return (kept, keep) if with_keep else kept
