@@ -91,6 +91,13 @@ def iter_store_records(data_dir: Path, names: tuple[str, ...], rows: int = 1 << 
             f.close()
 
 
+def compact_str(a: np.ndarray) -> np.ndarray:
+    """Text ids at the width of their longest (a reader's array may be wider); other arrays unchanged."""
+    if a.dtype.kind != "U" or not len(a):
+        return a
+    return a.astype(f"<U{max(1, int(np.char.str_len(a).max()))}")
+
+
 def write_store(prep: Prepared, out: Path, manifest: dict) -> dict:
     """Write records/*.npy, samples_*.npy, locations.npz, users.npy, stats.json, manifest.json (last)."""
     out = Path(out)
@@ -99,8 +106,8 @@ def write_store(prep: Prepared, out: Path, manifest: dict) -> dict:
         np.save(out / "records" / f"{name}.npy", np.ascontiguousarray(prep.records[name]))
     for split in SPLITS:
         np.save(out / f"samples_{split}.npy", prep.samples[split])
-    np.savez(out / "locations.npz", **prep.locations)
-    np.save(out / "users.npy", prep.user_ids)
+    np.savez(out / "locations.npz", **(prep.locations | {"id": compact_str(prep.locations["id"])}))
+    np.save(out / "users.npy", compact_str(prep.user_ids))
     stats = compute_stats(prep.records)
     write_json(out / "stats.json", stats)
     write_json(out / "manifest.json", manifest)

@@ -12,7 +12,7 @@ import numpy as np
 
 from nextlocmoe.data import engine
 from nextlocmoe.data.ingest import ingest
-from nextlocmoe.data.layout import compute_stats, iter_store_records, write_json
+from nextlocmoe.data.layout import compact_str, compute_stats, iter_store_records, write_json
 from nextlocmoe.data.parsing import DataError, load_npy
 from nextlocmoe.data.recovery import register_affine
 from nextlocmoe.data.shards import write_records
@@ -82,8 +82,8 @@ def prepare_stream(dataset: str, source: Path, tmp: Path, work: Path, opts: dict
         res = write_records(batches, n_records, locs, tmp, window, tz)
     finally:
         con.close()
-    np.savez(tmp / "locations.npz", **locs)
-    np.save(tmp / "users.npy", users)
+    np.savez(tmp / "locations.npz", **(locs | {"id": compact_str(locs["id"])}))
+    np.save(tmp / "users.npy", compact_str(users))
     stats = compute_stats(lambda: iter_store_records(tmp, ("x", "y", "dur_min", "split"), chunk_rows))
     write_json(tmp / "stats.json", stats)
     timings["write_s"] = time.perf_counter() - t1
