@@ -6,10 +6,10 @@
 Synthetic data: ``--locations`` L venues around one city (New York; normal scatter, ~5 km), venue
 popularity Zipf (rank^-``--zipf``), users = rows / ``--rows-per-user`` drawn uniformly, unix-second times
 uniform over one year; written as plain CSV ``user,venue,time,lat,lon`` by pyarrow, in 1M-row chunks.
-Each prepare runs as a child process (``nice``); wall time and its peak RSS (``getrusage`` of the
-child, ru_maxrss: resident pages, file-backed ones included) go into the JSON, one row per size, and
-into a plot beside it (wall time per row and peak RSS against rows). ``--command`` swaps in another
-prepare command (e.g. an older checkout's) with ``{src}``/``{out}``/``{mem}`` placeholders.
+Each prepare runs as a child process (``nice``); wall time and its peak resident memory go into the
+JSON, one row per size, and into a plot beside it (wall time per row and peak RSS against rows). Peak
+RSS is sampled over the whole process tree (the prepare's parse workers included). ``--command`` swaps
+in another prepare command (e.g. an older checkout's) with ``{src}``/``{out}``/``{mem}`` placeholders.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,8 +48,9 @@ def generate(path: Path, rows: int, locations: int, rows_per_user: int, zipf: fl
     users = max(rows // rows_per_user, 1)
     t0 = 1_333_000_000  # 2012-03-29
     tmp = path.with_suffix(".partial")
-    with pcsv.CSVWriter(str(tmp), pa.schema([("user", pa.int64()), ("venue", pa.int64()),
-                        ("time", pa.int64()), ("lat", pa.float64()), ("lon", pa.float64())])) as w:  # fmt: skip
+    schema = pa.schema([("user", pa.int64()), ("venue", pa.int64()), ("time", pa.int64())]
+                       + [("lat", pa.float64()), ("lon", pa.float64())])  # fmt: skip
+    with pcsv.CSVWriter(str(tmp), schema) as w:
         for start in range(0, rows, 1_000_000):
             n = min(1_000_000, rows - start)
             venue = np.minimum(np.searchsorted(cdf, rng.random(n)), locations - 1)
@@ -63,13 +65,47 @@ def generate(path: Path, rows: int, locations: int, rows_per_user: int, zipf: fl
     tmp.rename(path)
 
 
+def tree_rss_bytes(root: int) -> int:
+    """Resident bytes of process ``root`` and all its descendants (from /proc)."""
+    parent, rss = {}, {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            parent[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            rss[int(d.name)] = int((d / "statm").read_text().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier and p not in tree]
+        tree.update(kids)
+        frontier = kids
+    return sum(rss.get(p, 0) for p in tree)
+
+
 def measure(cmd: str) -> dict:
-    """Run ``cmd`` (niced) as a child; its wall time, peak RSS (GB) and exit status."""
+    """Run ``cmd`` (niced) as a child: wall time, peak resident memory of its whole process tree (sampled
+    every 0.2 s; worker processes included) and of its largest single process (getrusage), exit status."""
     t = time.perf_counter()
     proc = subprocess.Popen(["nice", "-n", "10"] + shlex.split(cmd), cwd=ROOT)
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], tree_rss_bytes(proc.pid))
+            done.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t
-    return {"wall_s": round(wall, 2), "peak_rss_gb": round(usage.ru_maxrss / 1e6, 3),
+    done.set()
+    sampler.join()
+    return {"wall_s": round(wall, 2), "peak_rss_gb": round(peak[0] / 1e9, 3),
+            "max_single_process_rss_gb": round(usage.ru_maxrss / 1e6, 3),
             "rc": os.waitstatus_to_exitcode(status)}  # fmt: skip
 
 
