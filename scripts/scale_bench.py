@@ -87,8 +87,9 @@ def tree_rss_bytes(root: int) -> int:
 
 
 def measure(cmd: str) -> dict:
-    """Run ``cmd`` (niced) as a child: wall time, peak resident memory of its whole process tree (sampled
-    every 0.2 s; worker processes included) and of its largest single process (getrusage), exit status."""
+    """Run ``cmd`` (niced) as a child: wall time, CPU seconds (user + system, its worker processes
+    included: the figure that does not depend on what else the machine runs), peak resident memory of its
+    whole process tree (sampled every 0.2 s) and of its largest single process (getrusage), exit status."""
     t = time.perf_counter()
     proc = subprocess.Popen(["nice", "-n", "10"] + shlex.split(cmd), cwd=ROOT)
     peak, done = [0], threading.Event()
@@ -106,6 +107,7 @@ def measure(cmd: str) -> dict:
     sampler.join()
     return {"wall_s": round(wall, 2), "peak_rss_gb": round(peak[0] / 1e9, 3),
             "max_single_process_rss_gb": round(usage.ru_maxrss / 1e6, 3),
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
             "rc": os.waitstatus_to_exitcode(status)}  # fmt: skip
 
 
@@ -122,9 +124,12 @@ def plot(results: list[dict], path: Path) -> None:
     ok = [r for r in results if r["rc"] == 0]
     rows = [r["rows"] for r in ok]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.semilogx(rows, [r["us_per_row"] for r in ok], "o-")
+    a.semilogx(rows, [r["us_per_row"] for r in ok], "o-", label="wall")
+    if all("cpu_us_per_row" in r for r in ok):
+        a.semilogx(rows, [r["cpu_us_per_row"] for r in ok], "s--", label="CPU (all processes)")
     a.set_xlabel("rows")
-    a.set_ylabel("prepare wall time per row (us)")
+    a.set_ylabel("prepare time per row (us)")
+    a.legend()
     a.set_ylim(bottom=0)
     b.semilogx(rows, [r["peak_rss_gb"] for r in ok], "o-", label="peak RSS")
     b.axhline(ok[0]["memory_gb"] if ok else 0, color="grey", ls="--", label="--memory-gb")
@@ -168,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         res = {"rows": r, "locations": args.locations, "memory_gb": args.memory_gb, "command": cmd}
         res |= measure(cmd)
         res["us_per_row"] = round(res["wall_s"] / r * 1e6, 3)
+        res["cpu_us_per_row"] = round(res["cpu_s"] / r * 1e6, 3)
         res["store_mb"] = du_mb(store) if store.exists() else None
         res["csv_mb"] = round(src.stat().st_size / 1e6, 1)
         results.append(res)

@@ -158,13 +158,18 @@ def _dbl(x: float) -> str:
     return f"CAST('{float(x)!r}' AS DOUBLE)"
 
 
-def create_records(con, ing: Ingested, user: str, venue: str, t_min: str) -> None:
-    """Table r: the kept rows with typed ids and t_min (the reader's RecordTable, on disk)."""
+def create_records(con, ing: Ingested, user: str, venue: str, t_min: str, affine=None) -> None:
+    """View r: the kept rows with typed ids and t_min (the reader's RecordTable, over the parts). ``affine``
+    = (scale, offset): lat, lon <- lat * scale[0] + offset[0], lon * scale[1] + offset[1] (recovery.py)."""
     src = "src_t" if _has_view(con, "src_t") else "src"
     extra = [c for c in ("weekday", "hour", "dur", "category", "split", "minutes") if c in ing.columns]
     cols = ", ".join(extra)
-    con.execute(f"CREATE TABLE r AS SELECT row, {user} AS u, {venue} AS v, {t_min} AS t_min, lat, lon"
-                f"{', ' + cols if cols else ''} FROM {src}")  # fmt: skip
+    lat, lon = "lat", "lon"
+    if affine is not None:
+        (s0, s1), (o0, o1) = affine
+        lat, lon = f"lat * {_dbl(s0)} + {_dbl(o0)}", f"lon * {_dbl(s1)} + {_dbl(o1)}"
+    con.execute(f"CREATE OR REPLACE VIEW r AS SELECT row, {user} AS u, {venue} AS v, {t_min} AS t_min, "
+                f"{lat} AS lat, {lon} AS lon{', ' + cols if cols else ''} FROM {src}")  # fmt: skip
 
 
 def _has_view(con, name: str) -> bool:
@@ -172,15 +177,9 @@ def _has_view(con, name: str) -> bool:
 
 
 def distinct_coordinates(con) -> np.ndarray:
-    """[P, 2] distinct (lat, lon) pairs of table r, sorted (np.unique(..., axis=0))."""
+    """[P, 2] distinct (lat, lon) pairs of view r, sorted (np.unique(..., axis=0))."""
     d = con.sql("SELECT DISTINCT lat, lon FROM r ORDER BY lat, lon").fetchnumpy()
     return np.stack([d["lat"], d["lon"]], axis=1)
-
-
-def apply_affine(con, scale, offset) -> None:
-    """lat, lon of table r <- lat * scale[0] + offset[0], lon * scale[1] + offset[1] (recovery.py)."""
-    con.execute(f"UPDATE r SET lat = lat * {_dbl(scale[0])} + {_dbl(offset[0])}, "
-                f"lon = lon * {_dbl(scale[1])} + {_dbl(offset[1])}")  # fmt: skip
 
 
 def check_users(con, need: int, source: Path) -> int:
@@ -204,8 +203,8 @@ def check_users(con, need: int, source: Path) -> int:
 
 def drop_and_number(con, need: int) -> int:
     """Drop duplicates and users with fewer than ``need`` records (after `check_users`); number users and
-    locations by sorted id. Tables users(u, ucode), locs(v, loc) and f (the kept records with their
-    codes). Returns the rows dropped as user_too_short."""
+    locations by sorted id. Tables users(u, ucode), locs(v, loc), f0 (the kept records with their user
+    codes) and view f (with their location codes too). Returns the rows dropped as user_too_short."""
     short = _one(con, f"SELECT coalesce(sum(n), 0) FROM uc WHERE n < {int(need)}")[0]
     code = "CAST(row_number() OVER (ORDER BY u) - 1 AS INTEGER)"
     con.execute(f"CREATE TABLE users AS SELECT u, {code} AS ucode FROM uc WHERE n >= {int(need)}")
@@ -213,9 +212,8 @@ def drop_and_number(con, need: int) -> int:
                 "JOIN users USING (u)")  # fmt: skip
     con.execute("CREATE TABLE locs AS SELECT v, CAST(row_number() OVER (ORDER BY v) - 1 AS INTEGER) AS loc "
                 "FROM (SELECT DISTINCT v FROM f0)")  # fmt: skip
-    con.execute("CREATE TABLE f AS SELECT f0.*, locs.loc FROM f0 JOIN locs USING (v)")
-    for t in ("f0", "firsts", "r"):
-        con.execute(f"DROP TABLE {t}")
+    con.execute("CREATE VIEW f AS SELECT f0.*, locs.loc FROM f0 JOIN locs USING (v)")
+    con.execute("DROP TABLE firsts")
     return int(short)
 
 

@@ -65,13 +65,14 @@ def prepare_stream(dataset: str, source: Path, tmp: Path, work: Path, opts: dict
             ref = opts["reference_poi"] or Path(source).parent / "fsq-nyc" / "NYC_POI.npy"
             recovery = recovery_fit(engine.distinct_coordinates(con), ref)
             if recovery.get("accepted"):
-                engine.apply_affine(con, recovery["scale"], recovery["offset"])
+                affine = (recovery["scale"], recovery["offset"])
+                engine.create_records(con, ing, user, venue, t_sql, affine)
                 ing.coordinate_units = "degrees"
         ing.dropped["duplicate"] += n_dup
         ing.dropped["user_too_short"] += engine.drop_and_number(con, need)
         users, locs = engine.users_and_locations(con, "category" in ing.columns)
         locs = location_table(locs, ing.coordinate_units)
-        n_records = engine._one(con, "SELECT count(*) FROM f")[0]
+        n_records = engine._one(con, "SELECT count(*) FROM f0")[0]
         timings["engine_s"] = time.perf_counter() - t0 - timings["read_s"]
         t1 = time.perf_counter()
         cols = ["ucode", "loc", "t_min", "lat", "lon"]
