@@ -42,6 +42,11 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="llmmob-fsq-nyc: venue table for coordinate recovery (default: ../fsq-nyc/NYC_POI.npy)",
     )
+    p.add_argument(
+        "--memory-gb", type=float, default=3.0,
+        help="memory budget of the streaming prepare, whatever the row count (default 3; docs/DATA.md)",
+    )  # fmt: skip
+    p.add_argument("--threads", type=int, default=0, help="cores for the prepare engine (default 0 = all)")
     g = p.add_argument_group("csv columns (--dataset csv)")
     for name, default in [
         ("user", "user"),
@@ -97,6 +102,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         args.duration_cap_min,
         spec if args.dataset == "csv" else None,
         args.reference_poi,
+        memory_gb=args.memory_gb,
+        threads=args.threads,
     )
     dropped = {k: v for k, v in m["dropped"].items() if v}
     print(

@@ -20,7 +20,7 @@ from nextlocmoe.data.parsing import (
     parse_weekday,
     read_csv_columns,
 )
-from nextlocmoe.data.sanity import check_coordinates, parse_times
+from nextlocmoe.data.sanity import check_coordinates, time_unit, time_values, unit_minutes
 from nextlocmoe.data.sources import RecordTable, _apply_reasons, first_drop_line, note_malformed, valid_latlon
 
 WEEK_MIN = 7 * 1440
@@ -72,17 +72,17 @@ def _csv_path(source: Path) -> Path:
 
 
 def _parse_rows(spec: CsvSpec, raw: dict[str, np.ndarray], path: Path) -> tuple[dict[str, np.ndarray], list]:
-    """Parsed columns (user, venue, minutes or wd/hr, lat, lon, dur) and the drop reasons with the fields
-    and raw values each checks (for the 'file:line: field=value' examples)."""
+    """Parsed columns (user, venue, time parts or wd/hr, lat, lon, dur) and the drop reasons with the
+    fields and raw values each checks (for the 'file:line: field=value' examples). Row-local: the file's
+    time unit and coordinate check are decided over all rows by the caller (`check_file_wide`)."""
     v: dict[str, np.ndarray] = {}
     v["user"], ok_u = parse_id(raw[spec.user_col])
     v["venue"], ok_v = parse_id(raw[spec.venue_col])
     ids = [(spec.user_col, ~ok_u, raw[spec.user_col]), (spec.venue_col, ~ok_v, raw[spec.venue_col])]
     reasons = [("missing_field", ~(ok_u & ok_v), ids)]
-    if spec.time_col:
-        v["minutes"], ok_t, v["time_unit"] = parse_times(
-            raw[spec.time_col], f"{path}: column {spec.time_col}"
-        )
+    if spec.time_col:  # unit-free parts: the unit is decided over the whole file (sanity.time_unit)
+        v["tnum"], v["tnum_ok"], v["tiso"], v["units_seen"] = time_values(raw[spec.time_col])
+        ok_t = v["tnum_ok"] | np.isfinite(v["tiso"])
         t_detail = [(spec.time_col, ~ok_t, raw[spec.time_col])]
     else:
         v["wd"], ok_w = parse_weekday(raw[spec.weekday_col])
@@ -96,8 +96,6 @@ def _parse_rows(spec: CsvSpec, raw: dict[str, np.ndarray], path: Path) -> tuple[
     if spec.lat_col:
         v["lat"], _ = parse_float(raw[spec.lat_col])
         v["lon"], _ = parse_float(raw[spec.lon_col])
-        where = f"{path}: columns {spec.lat_col}/{spec.lon_col}"
-        check_coordinates(v["lat"], v["lon"], where, spec.force_coordinates)
         bad = ~valid_latlon(v["lat"], v["lon"])
         detail = [(spec.lat_col, bad, raw[spec.lat_col]), (spec.lon_col, bad, raw[spec.lon_col])]
         reasons.append(("bad_coordinate", bad, detail))
@@ -106,6 +104,16 @@ def _parse_rows(spec: CsvSpec, raw: dict[str, np.ndarray], path: Path) -> tuple[
         ok_d &= v["dur"] >= 0
         reasons.append(("bad_duration", ~ok_d, [(spec.duration_col, ~ok_d, raw[spec.duration_col])]))
     return v, reasons
+
+
+def check_file_wide(spec: CsvSpec, path: Path, units_seen: dict, lat: np.ndarray, lon: np.ndarray) -> str:
+    """The file-wide checks of a CSV source, in memory: its one time unit (returned; refuses a mix), then
+    its coordinates (refuses swapped or projected ones unless --force-coordinates)."""
+    unit = time_unit(units_seen, f"{path}: column {spec.time_col}") if spec.time_col else ""
+    if spec.lat_col:
+        where = f"{path}: columns {spec.lat_col}/{spec.lon_col}"
+        check_coordinates(lat, lon, where, spec.force_coordinates)
+    return unit
 
 
 def read_csv_source(source: Path, spec: CsvSpec) -> RecordTable:
@@ -118,13 +126,16 @@ def read_csv_source(source: Path, spec: CsvSpec) -> RecordTable:
     first: dict[str, str] = {}
     note_malformed(c, dropped, examples, first)
     v, reasons = _parse_rows(spec, raw, path)
+    unit = check_file_wide(spec, path, v.get("units_seen", {}), v["lat"], v["lon"])
+    if spec.time_col:
+        v["minutes"] = unit_minutes(v["tnum"], v["tnum_ok"], v["tiso"], unit)
     keep = _apply_reasons(reasons, dropped, len(v["user"]), examples, (f"{path.name}:", c.lines), first)
     if not keep.any():
         raise DataError(f"{path}: no usable rows of {c.n_rows}: {first_drop_line(dropped, first)}")
     user = v["user"][keep]
     if spec.time_col:
         t, weekday, hour, origin = _from_timestamps(v["minutes"][keep], spec.timezone)
-        origin = f"time column {spec.time_col!r} read as {v['time_unit']}; {origin}"
+        origin = f"time column {spec.time_col!r} read as {unit}; {origin}"
     else:
         order = raw[spec.order_col][keep] if spec.order_col else None
         wd, hr = v["wd"][keep], v["hr"][keep]
@@ -163,15 +174,22 @@ def _from_timestamps(minutes: np.ndarray, tz: str | None) -> tuple[np.ndarray, n
 
 
 def _from_weekday_hour(
-    user: np.ndarray, weekday: np.ndarray, hour: np.ndarray, order: np.ndarray | None
+    user: np.ndarray,
+    weekday: np.ndarray,
+    hour: np.ndarray,
+    order: np.ndarray | None,
+    order_numeric: bool | None = None,
 ) -> tuple[np.ndarray, str]:
-    """Monotonic per-user time [R] int64 from weekday/hour (+ trajectory order) and file order."""
+    """Monotonic per-user time [R] int64 from weekday/hour (+ trajectory order) and file order. The order
+    column orders as integers when every value is one (``order_numeric``: decided over the whole file by a
+    caller that passes whole users in parts), else as text."""
     n = len(user)
     _, ucode = np.unique(user, return_inverse=True)
     ocode = np.zeros(n, dtype=np.int64)
     if order is not None:
         num, ok = parse_int(order)
-        ocode = num if ok.all() else np.unique(order, return_inverse=True)[1].reshape(-1)
+        numeric = ok.all() if order_numeric is None else order_numeric
+        ocode = num if numeric else np.unique(order, return_inverse=True)[1].reshape(-1)
     idx = np.lexsort((np.arange(n), ocode, ucode.reshape(-1)))
     u, o = ucode.reshape(-1)[idx], ocode[idx]
     key = weekday[idx].astype(np.int64) * 24 + hour[idx]

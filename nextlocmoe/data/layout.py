@@ -4,7 +4,9 @@ and the normalisation helpers. Torch-free, so `prepare` and the baselines start 
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +23,45 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def compute_stats(records: dict[str, np.ndarray]) -> dict[str, float]:
-    """Normalisation from TRAIN records only: isotropic xy mean/std (metres), log1p-duration min/max."""
-    train = records["split"] == 0
-    xy = np.stack([records["x"][train], records["y"][train]], axis=1)
-    xy = xy[np.isfinite(xy).all(axis=1)]
-    if len(xy):
-        mean = xy.mean(axis=0)
-        std = float(np.sqrt(((xy - mean) ** 2).sum(axis=1).mean() / 2.0)) or 1.0
+def compute_stats(records: dict[str, np.ndarray] | Callable[[], Iterable[dict]]) -> dict[str, float]:
+    """Normalisation from TRAIN records only: isotropic xy mean/std (metres), log1p-duration min/max.
+
+    ``records``: the record columns (x, y, dur_min, split), or a callable giving a fresh iterable of chunks
+    of them (the streaming prepare reads the written store back, one chunk in memory). Sums are exactly
+    rounded (math.fsum), so the figures do not depend on how the records are chunked.
+    """
+    chunks = records if callable(records) else (lambda: [records])
+    acc = {"n": 0, "lo": np.inf, "hi": -np.inf}
+
+    def train(col: str, note: bool = False):
+        for c in chunks():
+            tr = c["split"] == 0
+            x, y = c["x"][tr], c["y"][tr]
+            fin = np.isfinite(x) & np.isfinite(y)
+            if note:
+                acc["n"] += int(fin.sum())
+                ld = np.log1p(c["dur_min"][tr].astype(np.float64))
+                if len(ld):
+                    acc["lo"], acc["hi"] = min(acc["lo"], float(ld.min())), max(acc["hi"], float(ld.max()))
+            yield from (x[fin] if col == "x" else y[fin]).tolist()
+
+    sx = math.fsum(train("x", note=True))
+    sy = math.fsum(train("y"))
+    n = acc["n"]
+    if n:
+        mean = np.array([sx / n, sy / n])
+
+        def sq():
+            for c in chunks():
+                tr = c["split"] == 0
+                x, y = c["x"][tr], c["y"][tr]
+                fin = np.isfinite(x) & np.isfinite(y)
+                yield from ((x[fin] - mean[0]) ** 2 + (y[fin] - mean[1]) ** 2).tolist()
+
+        std = float(np.sqrt(math.fsum(sq()) / n / 2.0)) or 1.0
     else:
         mean, std = np.zeros(2), 1.0
-    ld = np.log1p(records["dur_min"][train].astype(np.float64))
-    lo, hi = (float(ld.min()), float(ld.max())) if len(ld) else (0.0, 1.0)
+    lo, hi = (acc["lo"], acc["hi"]) if np.isfinite(acc["lo"]) else (0.0, 1.0)
     return {
         "x_mean": float(mean[0]),
         "y_mean": float(mean[1]),
@@ -43,6 +72,32 @@ def compute_stats(records: dict[str, np.ndarray]) -> dict[str, float]:
     }
 
 
+def iter_store_records(data_dir: Path, names: tuple[str, ...], rows: int = 1 << 22) -> Iterator[dict]:
+    """Chunks of ``rows`` records (name -> [n] array) read from data_dir/records/*.npy with plain reads
+    (no memory map, so memory holds one chunk)."""
+    files, dtypes, n = {}, {}, 0
+    try:
+        for name in names:
+            f = open(Path(data_dir) / "records" / f"{name}.npy", "rb")
+            files[name] = f
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtypes[name] = read(f)
+            n = shape[0]
+        for _ in range(0, n, rows):
+            yield {name: np.fromfile(f, dtype=dtypes[name], count=rows) for name, f in files.items()}
+    finally:
+        for f in files.values():
+            f.close()
+
+
+def compact_str(a: np.ndarray) -> np.ndarray:
+    """Text ids at the width of their longest (a reader's array may be wider); other arrays unchanged."""
+    if a.dtype.kind != "U" or not len(a):
+        return a
+    return a.astype(f"<U{max(1, int(np.char.str_len(a).max()))}")
+
+
 def write_store(prep: Prepared, out: Path, manifest: dict) -> dict:
     """Write records/*.npy, samples_*.npy, locations.npz, users.npy, stats.json, manifest.json (last)."""
     out = Path(out)
@@ -51,8 +106,8 @@ def write_store(prep: Prepared, out: Path, manifest: dict) -> dict:
         np.save(out / "records" / f"{name}.npy", np.ascontiguousarray(prep.records[name]))
     for split in SPLITS:
         np.save(out / f"samples_{split}.npy", prep.samples[split])
-    np.savez(out / "locations.npz", **prep.locations)
-    np.save(out / "users.npy", prep.user_ids)
+    np.savez(out / "locations.npz", **(prep.locations | {"id": compact_str(prep.locations["id"])}))
+    np.save(out / "users.npy", compact_str(prep.user_ids))
     stats = compute_stats(prep.records)
     write_json(out / "stats.json", stats)
     write_json(out / "manifest.json", manifest)

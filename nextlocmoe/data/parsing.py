@@ -7,18 +7,22 @@ instead of failing. Structural problems (unreadable file, missing header column,
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import logging
 import re
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from nextlocmoe.data.csvread import (  # noqa: F401 - the CSV readers' names, as before
+    CsvColumns,
+    IrregularCsv,
+    iter_csv_columns,
+    iter_parquet_columns,
+    numpy_columns,
+    read_csv_columns,
+    sha256_file,
+)
+from nextlocmoe.data.errors import DataError
 
 WEEKDAY_NAMES = {
     name: i
@@ -31,152 +35,9 @@ WEEKDAY_NAMES = {
 EPOCH = datetime(1970, 1, 1)
 
 
-class DataError(ValueError):
-    """Bad input data or arguments; the CLI prints the message as a one-line reason and exits non-zero."""
-
-
-@dataclass
-class CsvColumns:
-    """Columns of a CSV file as string arrays (well-formed rows only).
-
-    cols: name -> [R] str array for each requested column present in the header.
-    lines: [R] int64 1-based line numbers of those rows in the file.
-    n_rows: data rows seen (blank lines are not rows), n_malformed: rows with the wrong column count.
-    """
-
-    path: Path
-    header: list[str]
-    cols: dict[str, np.ndarray]
-    lines: np.ndarray
-    n_rows: int
-    n_malformed: int
-    malformed_lines: list[int] = field(default_factory=list)
-    sha256: str = ""  # of the bytes actually read (data/sanity.py)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _first_bad_utf8_line(path: Path) -> str:
-    """'line N, byte 0xXX at column C' of the first line of ``path`` that is not valid UTF-8."""
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return f"line {line_no}, byte 0x{raw[e.start]:02x} at column {e.start + 1}"
-    return "unknown line"
-
-
-def read_csv_columns(path: Path, required: list[str], optional: list[str] = ()) -> CsvColumns:
-    """Read `required` (+ present `optional`) columns of a headed CSV; rows with a wrong column count are
-    counted as malformed (e.g. a truncated last line) and skipped.
-
-    Accepts what spreadsheets write: a UTF-8 byte-order mark, CRLF line ends, quoted fields (with commas or
-    quotes inside), spaces around header names. Raises DataError naming the file (and line) when the file
-    cannot be read, is not UTF-8, or the header lacks a required column.
-    """
-    from nextlocmoe.data import sanity
-
-    path = Path(path)
-    if path.suffix.lower() in sanity.PARQUET:
-        return read_parquet_columns(path, required, optional)
-    line_no = 0
-    try:
-        before = sanity.file_state(path)
-        raw = sanity.HashingReader(sanity.open_binary(path))
-        with io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{path}: empty file, expected a header line")
-            header = [h.strip() for h in header]
-            _refuse_duplicates(path, header)
-            missing = [c for c in required if c not in header]
-            if missing:
-                raise DataError(f"{path}: line 1: header lacks required column(s) {missing}; has {header}")
-            wanted = [c for c in list(required) + list(optional) if c in header]
-            idx = [header.index(c) for c in wanted]
-            width = len(header)
-            rows: list[list[str]] = []
-            lines: list[int] = []
-            bad: list[int] = []
-            n_rows = 0
-            for row in reader:
-                line_no = reader.line_num
-                if not row or (len(row) == 1 and not row[0].strip() and width > 1):
-                    continue
-                n_rows += 1
-                if len(row) != width:
-                    bad.append(reader.line_num)
-                    continue
-                rows.append([row[i] for i in idx])
-                lines.append(reader.line_num)
-            f.read()  # the rest (nothing, normally): the hash covers every byte
-        sanity.check_unchanged(path, before)
-    except UnicodeDecodeError:
-        raise DataError(
-            f"{path}: {_first_bad_utf8_line(path)}: not UTF-8 text (re-save the file as UTF-8)"
-        ) from None
-    except csv.Error as e:
-        raise DataError(f"{path}: line {line_no + 1}: cannot parse CSV ({e})") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read CSV ({e})") from None
-    if bad:
-        log.warning(
-            "%s: %d row(s) with a wrong column count (first at line %d): dropped", path, len(bad), bad[0]
-        )
-    table = np.array(rows, dtype=str).reshape(len(rows), len(wanted))
-    cols = {c: table[:, j] for j, c in enumerate(wanted)}
-    lines_a = np.asarray(lines, dtype=np.int64)
-    return CsvColumns(path, header, cols, lines_a, n_rows, len(bad), bad[:20], raw.sha.hexdigest())
-
-
-def _refuse_duplicates(path: Path, header: list[str]) -> None:
-    dup = sorted({h for h in header if header.count(h) > 1})
-    if dup:
-        where = {h: [i + 1 for i, x in enumerate(header) if x == h] for h in dup}
-        raise DataError(f"{path}: line 1: duplicate column name(s) {where} (name: column positions); "
-                        "rename them so that each column is read unambiguously")  # fmt: skip
-
-
-def read_parquet_columns(path: Path, required: list[str], optional: list[str] = ()) -> CsvColumns:
-    """The columns of a Parquet file as strings (pyarrow), with the CSV reader's accounting: "line" k+1 is
-    row k (the header is line 1); the hash is of the file's bytes, checked unchanged after the read."""
-    import pyarrow.parquet as pq
-
-    from nextlocmoe.data import sanity
-
-    before = sanity.file_state(path)
-    try:
-        schema = pq.read_schema(path)
-        header = list(schema.names)
-        _refuse_duplicates(path, header)
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise DataError(f"{path}: header lacks required column(s) {missing}; has {header}")
-        wanted = [c for c in list(required) + list(optional) if c in header]
-        table = pq.read_table(path, columns=wanted)
-    except (OSError, ValueError) as e:
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"{path}: cannot read Parquet ({str(e).splitlines()[0]})") from None
-    cols = {c: np.array([("" if v is None else str(v)) for v in table.column(c).to_pylist()], dtype=str)
-            for c in wanted}  # fmt: skip
-    n = table.num_rows
-    sha = sha256_file(path)
-    sanity.check_unchanged(path, before)
-    return CsvColumns(path, header, cols, np.arange(2, n + 2, dtype=np.int64), n, 0, [], sha)
-
-
-def load_npy(path: Path, ncols: int, kinds: str, what: str) -> np.ndarray:
-    """Load a 2-D .npy array [R, ncols] with dtype kind in `kinds` ('iu', 'f', ...); DataError otherwise."""
+def load_npy(path: Path, ncols: int, kinds: str, what: str, mmap: bool = False) -> np.ndarray:
+    """Load a 2-D .npy array [R, ncols] with dtype kind in `kinds` ('iu', 'f', ...); DataError otherwise.
+    ``mmap``: memory-mapped read-only (the streaming prepare reads it in chunks)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found ({what})")
@@ -185,9 +46,9 @@ def load_npy(path: Path, ncols: int, kinds: str, what: str) -> np.ndarray:
     if magic != b"\x93NUMPY":
         raise DataError(f"{path}: not a .npy file (no NumPy header; {what})")
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except ValueError as e:
-        if "pickle" in str(e):  # an object array: unpickling could run code
+        if "pickle" in str(e) or "Python objects" in str(e):  # an object array: unpickling could run code
             raise DataError(f"{path}: holds pickled Python objects, refused (expected {what})") from None
         raise DataError(f"{path}: cannot read .npy ({e})") from None
     except (OSError, EOFError) as e:
@@ -200,7 +61,18 @@ def load_npy(path: Path, ncols: int, kinds: str, what: str) -> np.ndarray:
 
 
 def parse_float(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[R] str -> ([R] float64, [R] bool ok); garbled, empty or non-finite values are not ok (NaN)."""
+    """[R] str -> ([R] float64, [R] bool ok); garbled, empty or non-finite values are not ok (NaN).
+    Arrow's cast (correctly rounded, like Python's float) converts a column that parses whole; any other
+    goes value by value."""
+    if values.dtype.kind in "OU" and len(values):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        try:
+            out = pc.cast(pa.array(values, type=pa.string()), pa.float64()).to_numpy(zero_copy_only=False)
+            return out, np.isfinite(out)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            pass
     try:
         out = values.astype(np.float64)
     except ValueError:

@@ -12,9 +12,9 @@ import numpy as np
 
 from nextlocmoe.data.csvsource import CsvSpec, read_csv_source
 from nextlocmoe.data.layout import write_json, write_store
-from nextlocmoe.data.parsing import DataError, load_npy
-from nextlocmoe.data.recovery import register_affine
+from nextlocmoe.data.parsing import DataError
 from nextlocmoe.data.sources import RecordTable, first_drop_line, read_fsq_nyc, read_llmmob
+from nextlocmoe.data.stream import prepare_stream, recovery_fit
 from nextlocmoe.data.windows import build
 
 log = logging.getLogger(__name__)
@@ -35,21 +35,19 @@ def read_source(dataset: str, source: Path, csv_spec: CsvSpec | None = None) -> 
 
 def recover_llmmob_coordinates(table: RecordTable, reference_poi: Path | None) -> dict:
     """Try to map llmmob-fsq-nyc's [-1, 1] coordinates to WGS84; updates table in place when accepted."""
-    if reference_poi is None or not Path(reference_poi).is_file():
-        return {
-            "attempted": False,
-            "reason": f"reference venue table not found: {reference_poi}",
-            "reference": str(reference_poi),
-        }
-    ref = load_npy(Path(reference_poi), 3, "f", "rows [venue_id, latitude, longitude]")[:, 1:]
-    norm = np.unique(np.stack([table.lat, table.lon], axis=1), axis=0)
-    fit = register_affine(norm, ref)
-    fit["reference"] = str(reference_poi)
-    if fit["accepted"]:
+    fit = recovery_fit(np.unique(np.stack([table.lat, table.lon], axis=1), axis=0), reference_poi)
+    if fit.get("accepted"):
         table.lat = table.lat * fit["scale"][0] + fit["offset"][0]
         table.lon = table.lon * fit["scale"][1] + fit["offset"][1]
         table.coordinate_units = "degrees"
     return fit
+
+
+def _check_args(history: int, current: int, min_history: int, duration_cap_min: float) -> None:
+    if history < 1 or current < 1 or min_history < 0 or duration_cap_min <= 0:
+        raise DataError("need --history >= 1, --current >= 1, --min-history >= 0, --duration-cap-min > 0")
+    if min_history > history:
+        raise DataError(f"--min-history {min_history} exceeds --history {history}")
 
 
 def prepare(
@@ -62,12 +60,58 @@ def prepare(
     duration_cap_min: float = 1440.0,
     csv_spec: CsvSpec | None = None,
     reference_poi: str | Path | None = None,
+    memory_gb: float = 3.0,
+    threads: int = 0,
 ) -> dict:
-    """Prepare one data set into `out`; returns the manifest (also written to out/manifest.json)."""
-    if history < 1 or current < 1 or min_history < 0 or duration_cap_min <= 0:
-        raise DataError("need --history >= 1, --current >= 1, --min-history >= 0, --duration-cap-min > 0")
-    if min_history > history:
-        raise DataError(f"--min-history {min_history} exceeds --history {history}")
+    """Prepare one data set into `out` (streaming: memory within ``memory_gb`` whatever the row count,
+    ``threads`` cores, 0 = all; data/stream.py); returns the manifest (also written to out/manifest.json)."""
+    _check_args(history, current, min_history, duration_cap_min)
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    source, out = Path(source), Path(out)
+    if not source.exists():
+        raise DataError(f"{source}: source not found")
+    check_out_dir(out)
+    t0 = time.perf_counter()
+    opts = {"history": history, "current": current, "min_history": min_history}
+    opts |= {"duration_cap_min": duration_cap_min, "csv_spec": csv_spec, "memory_gb": memory_gb}
+    opts |= {"threads": threads, "reference_poi": None if reference_poi is None else Path(reference_poi)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.work-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+
+    def build_into(tmp: Path) -> dict:
+        tmp.mkdir(parents=True)
+        ing, res, timings, recovery = prepare_stream(dataset, source, tmp, work, opts)
+        shutil.rmtree(work, ignore_errors=True)
+        log.info("read %s: %d rows; %d records kept", dataset, ing.input_rows, res["records"])
+        m = _manifest(ing, res, history, current, min_history, duration_cap_min, recovery)
+        m["shards"] = res["shards"]
+        m["timings_s"] = timings
+        return m
+
+    try:
+        return write_atomically(build_into, out, t0)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def prepare_in_memory(
+    dataset: str,
+    source: str | Path,
+    out: str | Path,
+    history: int = 40,
+    current: int = 5,
+    min_history: int = 1,
+    duration_cap_min: float = 1440.0,
+    csv_spec: CsvSpec | None = None,
+    reference_poi: str | Path | None = None,
+) -> dict:
+    """The in-memory reference of `prepare` (the readers' RecordTable -> windows.build -> write_store):
+    the whole source in memory, one core. Kept as the specification the streaming prepare is tested
+    against (identical stores); not for large sources."""
+    _check_args(history, current, min_history, duration_cap_min)
     source, out = Path(source), Path(out)
     if not source.exists():
         raise DataError(f"{source}: source not found")
@@ -76,7 +120,6 @@ def prepare(
     t0 = time.perf_counter()
     table = read_source(dataset, source, csv_spec)
     timings["read_s"] = time.perf_counter() - t0
-    log.info("read %s: %d of %d rows usable", dataset, len(table), table.input_rows)
     if len(table) == 0:
         raise DataError(f"{source}: no usable rows of {table.input_rows}: "
                         f"{first_drop_line(table.dropped, table.drop_first)}")  # fmt: skip
@@ -86,21 +129,29 @@ def prepare(
         if reference_poi is None:
             reference_poi = source.parent / "fsq-nyc" / "NYC_POI.npy"
         recovery = recover_llmmob_coordinates(table, Path(reference_poi))
-        timings["coordinate_recovery_s"] = time.perf_counter() - t0 - timings["read_s"]
-        log.info("coordinate recovery: %s", recovery)
-    t1 = time.perf_counter()
     prep = build(table, history, current, min_history, duration_cap_min)
-    timings["windows_s"] = time.perf_counter() - t1
-    manifest = _manifest(table, prep, history, current, min_history, duration_cap_min, recovery)
-    kept, dropped = manifest["kept_rows"], sum(manifest["dropped"].values())
-    if kept + dropped != table.input_rows:
-        raise DataError(f"row accounting broken: kept {kept} + dropped {dropped} != input {table.input_rows}")
-    if kept == 0:
-        raise DataError(f"{source}: no records left of {table.input_rows} rows: "
-                        f"{first_drop_line(prep.dropped, table.drop_first)}")  # fmt: skip
+    timings["windows_s"] = time.perf_counter() - t0 - timings["read_s"]
+    rec = prep.records
+    res = {
+        "users": len(prep.user_ids),
+        "locations": len(prep.locations["id"]),
+        "records": len(rec["t_min"]),
+        "samples": {k: len(v) for k, v in prep.samples.items()},
+        "records_per_split": {
+            s: int((rec["split"] == i).sum()) for i, s in enumerate(("train", "valid", "test"))
+        },
+        "has_xy": bool(np.isfinite(prep.locations["x"]).any()),
+        "info": prep.info,
+    }
+    table.dropped = prep.dropped
+    manifest = _manifest(table, res, history, current, min_history, duration_cap_min, recovery)
     manifest["timings_s"] = timings
-    write_atomically(prep, out, manifest, t0)
-    return manifest
+
+    def build_into(tmp: Path) -> dict:
+        write_store(prep, tmp, manifest)
+        return manifest
+
+    return write_atomically(build_into, out, t0)
 
 
 def check_out_dir(out: Path) -> None:
@@ -136,18 +187,19 @@ def check_enough_records(table: RecordTable, source: Path, need: int) -> None:
     )
 
 
-def write_atomically(prep, out: Path, manifest: dict, t0: float) -> None:
-    """Write the store into a temporary sibling folder, then swap it in for ``out``: a failed or
-    interrupted prepare leaves no half-written folder (and an earlier output untouched)."""
+def write_atomically(build_into, out: Path, t0: float) -> dict:
+    """``build_into(tmp)`` writes the store into a temporary sibling folder and returns its manifest, which
+    is written last; then the folder is swapped in for ``out``: a failed or interrupted prepare leaves no
+    half-written folder (and an earlier output untouched)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         t2 = time.perf_counter()
-        write_store(prep, tmp, manifest)
-        manifest["timings_s"]["write_s"] = time.perf_counter() - t2
+        manifest = build_into(tmp)
+        manifest["timings_s"].setdefault("write_s", time.perf_counter() - t2)
         manifest["timings_s"]["total_s"] = time.perf_counter() - t0
-        write_json(tmp / "manifest.json", manifest)  # again, with the final timings
+        write_json(tmp / "manifest.json", manifest)
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
             os.replace(out, old)
@@ -156,22 +208,28 @@ def write_atomically(prep, out: Path, manifest: dict, t0: float) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return manifest
 
 
-def _manifest(
-    table: RecordTable, prep, history: int, current: int, min_history: int, cap: float, recovery: dict | None
-) -> dict:
-    rec = prep.records
-    has_xy = bool(np.isfinite(prep.locations["x"]).any())
+def _manifest(table, res: dict, history: int, current: int, min_history: int, cap: float, recovery) -> dict:
+    """manifest.json: ``table`` is the reader's accounting (a RecordTable or ingest.Ingested), ``res`` the
+    store's counts (users, locations, records, samples, records_per_split, has_xy, info)."""
+    has_xy = res["has_xy"]
     units = table.coordinate_units if has_xy else "none"
+    kept, dropped = res["records"], sum(table.dropped.values())
+    if kept + dropped != table.input_rows:
+        raise DataError(f"row accounting broken: kept {kept} + dropped {dropped} != input {table.input_rows}")
+    if kept == 0:
+        raise DataError(f"no records left of {table.input_rows} rows: "
+                        f"{first_drop_line(table.dropped, table.drop_first)}")  # fmt: skip
     m = {
         "dataset": table.dataset,
         "source_sha256": table.source_sha256,
-        "users": int(len(prep.user_ids)),
-        "locations": int(len(prep.locations["id"])),
-        "records": int(len(rec["t_min"])),
-        "samples": {k: int(len(v)) for k, v in prep.samples.items()},
-        "dropped": {k: int(v) for k, v in sorted(prep.dropped.items())},
+        "users": int(res["users"]),
+        "locations": int(res["locations"]),
+        "records": int(kept),
+        "samples": {k: int(v) for k, v in res["samples"].items()},
+        "dropped": {k: int(v) for k, v in sorted(table.dropped.items())},
         "drop_examples": {k: v for k, v in sorted(table.drop_examples.items()) if v},
         "drop_first_example": dict(sorted(table.drop_first.items())),
         "time_origin": table.time_origin,
@@ -179,15 +237,13 @@ def _manifest(
         "current": current,
         "format_version": FORMAT_VERSION,
         "input_rows": int(table.input_rows),
-        "kept_rows": int(len(rec["t_min"])),
+        "kept_rows": int(kept),
         "min_history": min_history,
         "duration_cap_min": cap,
         "has_coordinates": has_xy,
         "coordinate_units": units,
         "split_codes": {"train": 0, "valid": 1, "test": 2},
-        "records_per_split": {
-            s: int((rec["split"] == i).sum()) for i, s in enumerate(("train", "valid", "test"))
-        },
+        "records_per_split": res["records_per_split"],
     }
     m["coordinate_system"] = coordinate_system(table, units, recovery)
     if units == "normalised":
@@ -196,7 +252,7 @@ def _manifest(
         )
     if recovery is not None:
         m["coordinate_recovery"] = recovery
-    m.update(prep.info)
+    m.update(res["info"])
     m.update(table.extra)
     return m
 

@@ -42,6 +42,7 @@ class HashingReader(io.RawIOBase):
 
     def __init__(self, raw) -> None:
         self.raw, self.sha = raw, hashlib.sha256()
+        self.newlines, self.last = 0, b""  # line feeds read, and the last byte
 
     def readable(self) -> bool:
         return True
@@ -55,7 +56,14 @@ class HashingReader(io.RawIOBase):
         n = len(data)
         b[:n] = data
         self.sha.update(data)
+        if n:
+            self.newlines += data.count(b"\n")
+            self.last = data[-1:]
         return n
+
+    def lines(self) -> int:
+        """Physical lines read (a last line without a line feed counts)."""
+        return self.newlines + (1 if self.last not in (b"", b"\n") else 0)
 
 
 def file_state(path: Path) -> tuple[int, int]:
@@ -85,55 +93,98 @@ def open_binary(path: Path):
         raise DataError(f"{path}: cannot open as {codec}-compressed CSV ({e})") from None
 
 
+def time_values(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, list]]:
+    """[R] str time values -> (numbers [R] float64, numeric [R] bool, ISO minutes since 1970 [R] float64
+    (NaN where not ISO-8601 text), the units seen: unit -> [rows, first example]). Row-local: chunks of a
+    file can be read apart and their units merged (`merge_units`) before `time_unit` decides."""
+    from nextlocmoe.data.parsing import _iso_minutes, parse_float
+
+    secs, numeric = parse_float(values)
+    iso_min = np.full(len(values), np.nan)
+    for i in np.flatnonzero(~numeric):
+        try:
+            iso_min[i] = _iso_minutes(str(values[i]))
+        except ValueError:
+            pass
+    mag = np.abs(secs)
+    found = {name: numeric & (mag / div >= 1e8) & (mag / div < 5e9) for name, div in UNITS}
+    found["ISO-8601 text"] = np.isfinite(iso_min)
+    seen = {k: [int(m.sum()), values[np.flatnonzero(m)[0]]] for k, m in found.items() if m.any()}
+    return secs, numeric, iso_min, seen
+
+
+def merge_units(total: dict[str, list], seen: dict[str, list]) -> None:
+    """Add one chunk's units seen (`time_values`) to ``total`` (counts add, the first example stays)."""
+    for k, (n, example) in seen.items():
+        if k in total:
+            total[k][0] += n
+        else:
+            total[k] = [n, example]
+
+
+def time_unit(seen: dict[str, list], where: str) -> str:
+    """The one unit of a time column from its units seen; refuses a mix with counts and an example of each
+    (``where`` names file and column). Numbers in no plausible range count as unix seconds."""
+    order = [name for name, _ in UNITS] + ["ISO-8601 text"]
+    seen = {k: seen[k] for k in order if k in seen}
+    if len(seen) > 1:
+        parts = [f"{k}: {n} rows, e.g. {ex!r}" for k, (n, ex) in seen.items()]
+        raise DataError(f"{where}: time values in more than one unit ({'; '.join(parts)}); use one unit")
+    return next(iter(seen), "unix seconds")
+
+
+def unit_minutes(secs: np.ndarray, numeric: np.ndarray, iso_min: np.ndarray, unit: str) -> np.ndarray:
+    """Minutes since 1970 [R] float64 from `time_values` parts in the column's unit (NaN: unparsable)."""
+    div = dict(UNITS).get(unit, 1.0)
+    return np.where(numeric, secs / div / 60.0, iso_min)
+
+
 def parse_times(values: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray, str]:
     """[R] str time values -> (minutes since 1970 [R] float64, ok [R] bool, the unit found). Numbers are
     unix time in the one unit that makes them dates of 1973-2128 (numbers in no such range count as
     seconds); text is ISO-8601. Refuses a mix of units with counts and an example of each (``where`` names
     file and column)."""
-    from nextlocmoe.data.parsing import _iso_minutes, parse_float
+    secs, numeric, iso_min, seen = time_values(values)
+    unit = time_unit(seen, where)
+    return unit_minutes(secs, numeric, iso_min, unit), numeric | np.isfinite(iso_min), unit
 
-    secs, numeric = parse_float(values)
-    minutes = np.full(len(values), np.nan)
-    iso = np.zeros(len(values), dtype=bool)
-    for i in np.flatnonzero(~numeric):
-        try:
-            minutes[i], iso[i] = _iso_minutes(str(values[i])), True
-        except ValueError:
-            pass
-    mag = np.abs(secs)
-    found = {name: numeric & (mag / div >= 1e8) & (mag / div < 5e9) for name, div in UNITS}
-    found = {k: m for k, m in found.items() if m.any()}
-    if iso.any():
-        found["ISO-8601 text"] = iso
-    if len(found) > 1:
-        parts = [f"{k}: {int(m.sum())} rows, e.g. {values[np.flatnonzero(m)[0]]!r}" for k, m in found.items()]
-        raise DataError(f"{where}: time values in more than one unit ({'; '.join(parts)}); use one unit")
-    unit = next(iter(found), "unix seconds")
-    div = dict(UNITS).get(unit, 1.0)
-    minutes[numeric] = secs[numeric] / div / 60.0
-    return minutes, numeric | iso, unit
+
+def coordinate_counts(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """[6] int64 counts over finite (lat, lon) rows that `judge_coordinates` decides on: rows, beyond
+    degree ranges, |lon| <= 90, |lat| <= 180, |lat| > 90, lat < -60. Additive over chunks."""
+    ok = np.isfinite(lat) & np.isfinite(lon)
+    la, lo = lat[ok], lon[ok]
+    beyond = (np.abs(la) > 90) | (np.abs(lo) > 180)
+    parts = [ok, beyond, np.abs(lo) <= 90, np.abs(la) <= 180, np.abs(la) > 90, la < -60]
+    return np.array([int(p.sum()) for p in parts], dtype=np.int64)
 
 
 def check_coordinates(lat: np.ndarray, lon: np.ndarray, where: str, force: bool) -> None:
     """Refuse coordinates that look projected or swapped (module docstring), unless ``force``."""
     ok = np.isfinite(lat) & np.isfinite(lon)
-    if force or ok.sum() < 10:
+    judge_coordinates(
+        coordinate_counts(lat, lon), lambda: (np.median(lat[ok]), np.median(lon[ok])), where, force
+    )
+
+
+def judge_coordinates(counts: np.ndarray, medians, where: str, force: bool) -> None:
+    """`check_coordinates` from `coordinate_counts` (summed over chunks); ``medians()`` -> (median
+    latitude, median longitude) of the finite rows, asked only for the message of a refusal."""
+    n, beyond, lo90, la180, la90, south = (int(c) for c in counts)
+    if force or n < 10:
         return
-    la, lo = lat[ok], lon[ok]
-    medians = f"median latitude {np.median(la):.4g}, longitude {np.median(lo):.4g}"
     hint = "; --force-coordinates keeps them as given"
-    if np.mean((np.abs(la) > 90) | (np.abs(lo) > 180)) > 0.5:
-        if (
-            np.mean(np.abs(lo) <= 90) > 0.5
-            and np.mean(np.abs(la) <= 180) > 0.5
-            and np.mean(np.abs(la) > 90) > 0.5
-        ):
+    if beyond / n > 0.5:
+        m_la, m_lo = medians()
+        where_m = f"median latitude {m_la:.4g}, longitude {m_lo:.4g}"
+        if lo90 / n > 0.5 and la180 / n > 0.5 and la90 / n > 0.5:
             raise DataError(f"{where}: latitude and longitude look swapped (latitude beyond +-90 in most "
-                            f"rows; {medians}): swap the --lat-col and --lon-col names{hint}")  # fmt: skip
-        raise DataError(f"{where}: coordinates outside degree ranges in most rows ({medians}): projected "
+                            f"rows; {where_m}): swap the --lat-col and --lon-col names{hint}")  # fmt: skip
+        raise DataError(f"{where}: coordinates outside degree ranges in most rows ({where_m}): projected "
                         f"(metres?) coordinates are not supported, give WGS84 degrees{hint}")  # fmt: skip
-    if np.mean(la < -60) > 0.9:
+    if south / n > 0.9:
+        m_la, m_lo = medians()
         raise DataError(
-            f"{where}: {np.mean(la < -60):.0%} of the points lie in Antarctica ({medians}): "
-            f"latitude and longitude look swapped: swap --lat-col and --lon-col{hint}"
+            f"{where}: {south / n:.0%} of the points lie in Antarctica (median latitude {m_la:.4g}, "
+            f"longitude {m_lo:.4g}): latitude and longitude look swapped: swap --lat-col and --lon-col{hint}"
         )

@@ -84,58 +84,72 @@ def _files_in(source: Path, names: list[str]) -> list[Path]:
     return paths
 
 
-def read_fsq_nyc(source: Path, origin: str = FSQ_NYC_ORIGIN, tz: str = FSQ_NYC_TZ) -> RecordTable:
-    """STAN's Foursquare NYC release: NYC.npy int [R,3] (user, venue, t minutes), NYC_POI.npy float [V,3]."""
-    checkins_path, poi_path = _files_in(Path(source), ["NYC.npy", "NYC_POI.npy"])
-    checkins = load_npy(checkins_path, 3, "iu", "int rows [user_id, venue_id, t_minutes]").astype(np.int64)
+def fsq_poi(poi_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """NYC_POI.npy -> (venue id [V] int64 sorted, lat [V], lon [V] float64)."""
     poi = load_npy(poi_path, 3, "fiu", "rows [venue_id, latitude, longitude]").astype(np.float64)
     poi_id = poi[:, 0]
     if np.any(poi_id != np.floor(poi_id)) or len(np.unique(poi_id)) != len(poi_id):
         raise DataError(f"{poi_path}: venue ids (column 0) must be unique integers")
     order = np.argsort(poi_id)
-    poi_id, poi_lat, poi_lon = poi_id[order].astype(np.int64), poi[order, 1], poi[order, 2]
+    return poi_id[order].astype(np.int64), poi[order, 1], poi[order, 2]
+
+
+def fsq_chunk(
+    checkins: np.ndarray, start: int, poi: tuple, name: str, acct: tuple, tz: str = FSQ_NYC_TZ
+) -> dict[str, np.ndarray]:
+    """Rows start.. of NYC.npy ([n, 3] int64) -> kept rows' columns (user, venue, t_min, lat, lon, weekday,
+    hour); drops counted into ``acct`` = (dropped Counter, examples, first), noted as '{name} row i'."""
+    poi_id, poi_lat, poi_lon = poi
     user, venue, t = checkins[:, 0], checkins[:, 1], checkins[:, 2]
     j = np.clip(np.searchsorted(poi_id, venue), 0, len(poi_id) - 1)
     known = poi_id[j] == venue
     lat, lon = np.where(known, poi_lat[j], np.nan), np.where(known, poi_lon[j], np.nan)
-    dropped: Counter = Counter()
     bad_xy = ~valid_latlon(lat, lon)
     reasons = [
         ("unknown_venue", ~known, [("venue_id (column 1, not in NYC_POI.npy)", ~known, venue)]),
         ("bad_coordinate", bad_xy, [("NYC_POI.npy latitude", bad_xy, lat), ("longitude", bad_xy, lon)]),
         ("unparsable_time", t < 0, [("t_minutes (column 2)", t < 0, t)]),
     ]
-    examples: dict[str, list[str]] = {}
-    first: dict[str, str] = {}
-    keep = _apply_reasons(
-        reasons, dropped, len(t), examples, (f"{checkins_path.name} row ", np.arange(len(t))), first
-    )
-    origin_dt = datetime.fromisoformat(origin)
-    origin_utc_min = int(origin_dt.timestamp() // 60)
+    rows = np.arange(start, start + len(t))
+    keep = _apply_reasons(reasons, acct[0], len(t), acct[1], (f"{name} row ", rows), acct[2])
+    origin_utc_min = int(datetime.fromisoformat(FSQ_NYC_ORIGIN).timestamp() // 60)
     weekday, hour = local_weekday_hour(t[keep] + origin_utc_min, tz)
-    time_origin = (
-        f"t_min = NYC.npy column 2 = minutes elapsed since {origin} (assumed: the first check-in of the raw "
-        f"TSMC2014 NYC set, 2012-04-03 14:00 New York local time); weekday/hour are {tz} local wall clock "
-        "(DST-aware). Evidence: with this origin the hourly check-in profile has its trough at 04h and "
-        "peaks at 08h/12h/19h, and the profile shifts by 1 h at the 2012-11-04 DST change; a "
-        "local-midnight origin would put the trough at 13-14h. Still an assumption: the release does "
-        "not document the origin."
-    )
+    cols = {"user": user, "venue": venue, "t_min": t, "lat": lat, "lon": lon}
+    return {k: v[keep] for k, v in cols.items()} | {"weekday": weekday, "hour": hour}
+
+
+FSQ_TIME_ORIGIN = (
+    f"t_min = NYC.npy column 2 = minutes elapsed since {FSQ_NYC_ORIGIN} (assumed: the first check-in of the "
+    f"raw TSMC2014 NYC set, 2012-04-03 14:00 New York local time); weekday/hour are {FSQ_NYC_TZ} local wall "
+    "clock (DST-aware). Evidence: with this origin the hourly check-in profile has its trough at 04h and "
+    "peaks at 08h/12h/19h, and the profile shifts by 1 h at the 2012-11-04 DST change; a "
+    "local-midnight origin would put the trough at 13-14h. Still an assumption: the release does "
+    "not document the origin."
+)
+
+
+def read_fsq_nyc(source: Path) -> RecordTable:
+    """STAN's Foursquare NYC release: NYC.npy int [R,3] (user, venue, t minutes), NYC_POI.npy float [V,3]."""
+    checkins_path, poi_path = _files_in(Path(source), ["NYC.npy", "NYC_POI.npy"])
+    checkins = load_npy(checkins_path, 3, "iu", "int rows [user_id, venue_id, t_minutes]").astype(np.int64)
+    poi = fsq_poi(poi_path)
+    acct: tuple = (Counter(), {}, {})
+    c = fsq_chunk(checkins, 0, poi, checkins_path.name, acct)
     return RecordTable(
         dataset="fsq-nyc",
-        user=user[keep],
-        venue=venue[keep],
-        t_min=t[keep],
-        lat=lat[keep],
-        lon=lon[keep],
-        weekday=weekday,
-        hour=hour,
-        input_rows=len(t),
-        dropped=dropped,
+        user=c["user"],
+        venue=c["venue"],
+        t_min=c["t_min"],
+        lat=c["lat"],
+        lon=c["lon"],
+        weekday=c["weekday"],
+        hour=c["hour"],
+        input_rows=len(checkins),
+        dropped=acct[0],
         source_sha256={p.name: sha256_file(p) for p in (checkins_path, poi_path)},
-        drop_examples=examples,
-        drop_first=first,
-        time_origin=time_origin,
+        drop_examples=acct[1],
+        drop_first=acct[2],
+        time_origin=FSQ_TIME_ORIGIN,
     )
 
 
@@ -257,8 +271,15 @@ def note_malformed(c, dropped: Counter, examples: dict, first: dict) -> None:
 
 
 def _parse_llmmob_part(
-    raw: dict[str, np.ndarray], dataset: str, dropped: Counter, examples: dict, where: tuple, first: dict
-) -> dict[str, np.ndarray]:
+    raw: dict[str, np.ndarray],
+    dataset: str,
+    dropped: Counter,
+    examples: dict,
+    where: tuple,
+    first: dict,
+    with_keep: bool = False,
+):
+    """Parsed kept rows of one LLM-Mob CSV (chunk); ``with_keep``: also the [n] keep mask."""
     user, ok_u = parse_id(raw["user_id"])
     venue, ok_v = parse_id(raw["location_id"])
     day, ok_d = parse_int(raw["start_day"])
@@ -288,4 +309,5 @@ def _parse_llmmob_part(
     keep = _apply_reasons(reasons, dropped, len(user), examples, where, first)
     out.update(user=user, venue=venue, t_min=day * 1440 + minute, weekday=weekday.astype(np.int8))
     out["hour"] = (minute // 60).astype(np.int8)
-    return {k: v[keep] for k, v in out.items()}
+    kept = {k: v[keep] for k, v in out.items()}
+    return (kept, keep) if with_keep else kept

@@ -66,13 +66,7 @@ def _location_table(loc: np.ndarray, ids: np.ndarray, cols: dict, info: dict) ->
     lat = np.where(pick >= 0, cols["lat"][rows[np.maximum(pick, 0)]] if has.any() else np.nan, np.nan)
     lon = np.where(pick >= 0, cols["lon"][rows[np.maximum(pick, 0)]] if has.any() else np.nan, np.nan)
     if has.any():
-        spread = haversine_m(cols["lat"][has], cols["lon"][has], lat[loc[has]], lon[loc[has]])
-        info["location_coordinate_spread_m"] = {
-            "note": "rows of one location id with other coordinates than its most frequent one; records use "
-            "the location's (most frequent) coordinate",
-            "rows_off_by_more_than_10m": int((spread > 10).sum()),
-            "max": float(spread.max()),
-        }
+        info["location_coordinate_spread_m"] = coordinate_spread(loc, cols["lat"], cols["lon"], lat, lon)
     x, y = latlon_to_mercator(lat, lon)
     category = np.full(n_loc, "", dtype=object)
     if cols.get("category") is not None:
@@ -91,6 +85,23 @@ def _location_table(loc: np.ndarray, ids: np.ndarray, cols: dict, info: dict) ->
         "category": category,
         "count": np.bincount(loc, minlength=n_loc).astype(np.int64),
     }
+
+
+def coordinate_spread(loc: np.ndarray, lat: np.ndarray, lon: np.ndarray, loc_lat, loc_lon, into=None) -> dict:
+    """How far records' own coordinates ([R] lat/lon of location codes loc [R]) lie from their location's
+    chosen one ([L] loc_lat/loc_lon); rows without coordinates are skipped. ``into``: an earlier batch's
+    result to add to."""
+    has = np.isfinite(lat) & np.isfinite(lon)
+    spread = haversine_m(lat[has], lon[has], loc_lat[loc[has]], loc_lon[loc[has]])
+    out = into or {
+        "note": "rows of one location id with other coordinates than its most frequent one; records use "
+        "the location's (most frequent) coordinate",
+        "rows_off_by_more_than_10m": 0,
+        "max": 0.0,
+    }
+    out["rows_off_by_more_than_10m"] += int((spread > 10).sum())
+    out["max"] = max(out["max"], float(spread.max())) if len(spread) else out["max"]
+    return out
 
 
 def user_durations(
@@ -162,20 +173,7 @@ def build(
     locations = _location_table(loc, loc_ids, cols, info)
     if table.coordinate_units == "normalised":  # not degrees: keep the source units, x = lon, y = lat
         locations["x"], locations["y"] = locations["lon"].copy(), locations["lat"].copy()
-    starts = np.flatnonzero(np.r_[True, ucode[1:] != ucode[:-1]])
-    n_user = np.diff(np.r_[starts, len(ucode)])
-    pos = np.arange(len(ucode)) - np.repeat(starts, n_user)
-    dur, info["duration"] = user_durations(ucode, cols["t_min"], cols["dur_min"], duration_cap_min)
-    if cols["split"] is not None:
-        split = cols["split"].astype(np.int8)
-        info["split_method"] = (
-            "the data set's own split (one file per split); inputs may come from any earlier record"
-        )
-    else:
-        split = _time_split(pos, np.repeat(n_user, n_user))
-        info["split_method"] = (
-            "by time per user: first 70% of a user's records train, next 10% valid, last 20% test"
-        )
+    pos, dur, split = per_user(ucode, cols["t_min"], cols["dur_min"], cols["split"], duration_cap_min, info)
     records = {
         "user": ucode.astype(np.int32),
         "loc": loc.astype(np.int32),
@@ -188,9 +186,43 @@ def build(
         "split": split,
         "pos": pos.astype(np.int32),
     }
+    samples, info["targets_without_full_window"] = sample_targets(pos, split, current, min_history)
+    return Prepared(records, locations, user_ids, samples, dropped, info)
+
+
+def per_user(
+    ucode: np.ndarray,
+    t_min: np.ndarray,
+    dur: np.ndarray | None,
+    split: np.ndarray | None,
+    cap: float,
+    info: dict,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Records [N] sorted by (user, time) -> (pos [N] within the user, dur_min [N] float32, split [N] int8);
+    the rules go into ``info``. Needs whole users only (the streaming prepare passes them in batches)."""
+    starts = np.flatnonzero(np.r_[True, ucode[1:] != ucode[:-1]])
+    n_user = np.diff(np.r_[starts, len(ucode)])
+    pos = np.arange(len(ucode)) - np.repeat(starts, n_user)
+    dur, info["duration"] = user_durations(ucode - ucode[0] if len(ucode) else ucode, t_min, dur, cap)
+    if split is not None:
+        split = split.astype(np.int8)
+        info["split_method"] = (
+            "the data set's own split (one file per split); inputs may come from any earlier record"
+        )
+    else:
+        split = _time_split(pos, np.repeat(n_user, n_user))
+        info["split_method"] = (
+            "by time per user: first 70% of a user's records train, next 10% valid, last 20% test"
+        )
+    return pos, dur, split
+
+
+def sample_targets(
+    pos: np.ndarray, split: np.ndarray, current: int, min_history: int
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Sample (target) record indices per split [S] int64, and per split the targets without a full
+    window (pos < current + min_history)."""
     eligible = pos >= current + min_history
     samples = {s: np.flatnonzero(eligible & (split == i)).astype(np.int64) for i, s in enumerate(SPLITS)}
-    info["targets_without_full_window"] = {
-        s: int(((~eligible) & (split == i)).sum()) for i, s in enumerate(SPLITS)
-    }
-    return Prepared(records, locations, user_ids, samples, dropped, info)
+    without = {s: int(((~eligible) & (split == i)).sum()) for i, s in enumerate(SPLITS)}
+    return samples, without

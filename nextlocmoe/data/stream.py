@@ -1,0 +1,118 @@
+"""The streaming prepare (docs/DATA.md): source -> Parquet parts (ingest.py, one chunk in memory) ->
+DuckDB (engine.py, out of core under a memory limit, all cores) -> the store written shard by shard
+(shards.py). Same row accounting and the same store as the in-memory reference (prepare_in_memory)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nextlocmoe.data import engine
+from nextlocmoe.data.ingest import ingest
+from nextlocmoe.data.layout import compact_str, compute_stats, iter_store_records, write_json
+from nextlocmoe.data.parsing import DataError, load_npy
+from nextlocmoe.data.recovery import register_affine
+from nextlocmoe.data.shards import write_records
+from nextlocmoe.geo import latlon_to_mercator
+
+BYTES_PER_CHUNK_ROW = 1200  # peak Python-side bytes per row of a chunk being parsed (measured, 1M rows)
+
+
+def budget(memory_gb: float, threads: int) -> tuple[int, float, int]:
+    """(rows per chunk, DuckDB memory limit GB, threads) for a total budget of ``memory_gb``. Reading,
+    ``threads`` worker processes parse a chunk each with one more queued; then DuckDB gets 60 % of the
+    budget while Python holds one batch of users being finished and written."""
+    if memory_gb < 0.5:
+        raise DataError(f"--memory-gb {memory_gb}: need at least 0.5")
+    threads = threads or os.cpu_count() or 1
+    rows = int(min(max(memory_gb * 1e9 / (threads + 2) / BYTES_PER_CHUNK_ROW, 10_000), 1_000_000))
+    return rows, memory_gb * 0.6, threads
+
+
+def recovery_fit(pairs: np.ndarray, reference_poi: Path | None) -> dict:
+    """Affine registration of llmmob-fsq-nyc's distinct [-1, 1] (lat, lon) pairs [P, 2] to a WGS84 venue
+    table (recovery.py); ``attempted`` False when the table is missing."""
+    if reference_poi is None or not Path(reference_poi).is_file():
+        return {"attempted": False, "reason": f"reference venue table not found: {reference_poi}",
+                "reference": str(reference_poi)}  # fmt: skip
+    ref = load_npy(Path(reference_poi), 3, "f", "rows [venue_id, latitude, longitude]")[:, 1:]
+    fit = register_affine(pairs, ref)
+    fit["reference"] = str(reference_poi)
+    return fit
+
+
+def prepare_stream(dataset: str, source: Path, tmp: Path, work: Path, opts: dict) -> tuple:
+    """Prepare into the empty folder ``tmp`` using scratch folder ``work``; returns (ingested, counts for
+    the manifest, timings, recovery). ``opts``: history, current, min_history, duration_cap_min,
+    csv_spec, reference_poi, memory_gb, threads."""
+    t0 = time.perf_counter()
+    chunk_rows, duck_gb, threads = budget(opts["memory_gb"], opts["threads"])
+    ing = ingest(dataset, source, opts["csv_spec"], work / "parts", chunk_rows, threads)
+    timings = {"read_s": time.perf_counter() - t0}
+    con = engine.connect(work, duck_gb, threads)
+    try:
+        engine.check_rows(con, ing, source)
+        user, venue = engine.id_expr(con, "user"), engine.id_expr(con, "venue")
+        t_sql, ing.time_origin = engine.time_expr(con, ing, work, chunk_rows)
+        engine.create_records(con, ing, user, venue, t_sql)
+        need = opts["current"] + 1 + opts["min_history"]
+        n_dup = engine.check_users(con, need, source)
+        recovery = None
+        if dataset == "llmmob-fsq-nyc":
+            ref = opts["reference_poi"] or Path(source).parent / "fsq-nyc" / "NYC_POI.npy"
+            recovery = recovery_fit(engine.distinct_coordinates(con), ref)
+            if recovery.get("accepted"):
+                affine = (recovery["scale"], recovery["offset"])
+                engine.create_records(con, ing, user, venue, t_sql, affine)
+                ing.coordinate_units = "degrees"
+        ing.dropped["duplicate"] += n_dup
+        ing.dropped["user_too_short"] += engine.drop_and_number(con, need)
+        users, locs = engine.users_and_locations(con, "category" in ing.columns)
+        locs = location_table(locs, ing.coordinate_units)
+        n_records = engine._one(con, "SELECT count(*) FROM f0")[0]
+        timings["engine_s"] = time.perf_counter() - t0 - timings["read_s"]
+        t1 = time.perf_counter()
+        cols = ["ucode", "loc", "t_min", "lat", "lon"]
+        cols += [c for c in ("weekday", "hour", "dur", "split", "minutes") if c in ing.columns]
+        batches = engine.whole_user_batches(engine.sorted_records(con, cols), "ucode", chunk_rows)
+        window = (opts["current"], opts["min_history"], opts["duration_cap_min"])
+        tz = opts["csv_spec"].timezone if opts["csv_spec"] is not None else None
+        res = write_records(batches, n_records, locs, tmp, window, tz)
+    finally:
+        con.close()
+    np.savez(tmp / "locations.npz", **(locs | {"id": compact_str(locs["id"])}))
+    np.save(tmp / "users.npy", compact_str(users))
+    stats = compute_stats(lambda: iter_store_records(tmp, ("x", "y", "dur_min", "split"), chunk_rows))
+    write_json(tmp / "stats.json", stats)
+    timings["write_s"] = time.perf_counter() - t1
+    res.update(
+        users=len(users),
+        locations=len(locs["id"]),
+        records=n_records,
+        has_xy=bool(np.isfinite(locs["x"]).any()),
+    )
+    return ing, res, timings, recovery
+
+
+def location_table(locs: dict[str, np.ndarray], units: str) -> dict[str, np.ndarray]:
+    """The engine's location modes -> the store's table: id, lat, lon, x, y (Web-Mercator metres, or the
+    source units when normalised), category ('' none), count."""
+    lat, lon = locs["lat"], locs["lon"]
+    x, y = latlon_to_mercator(lat, lon)
+    if units == "normalised":
+        x, y = lon.copy(), lat.copy()
+    category = locs["category"]
+    if category is None:
+        category = np.full(len(lat), "", dtype=object).astype(str)
+    return {
+        "id": locs["id"],
+        "lat": lat,
+        "lon": lon,
+        "x": x,
+        "y": y,
+        "category": category,
+        "count": locs["count"],
+    }
