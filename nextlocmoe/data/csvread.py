@@ -115,6 +115,14 @@ def _header(path: Path, required: list[str], optional: list[str]) -> tuple[list[
                 raise IrregularCsv("header over several lines")
     except (UnicodeDecodeError, csv.Error, OSError) as e:
         raise IrregularCsv(str(e)) from None
+    return _check_header(path, header, required, optional)
+
+
+def _check_header(
+    path: Path, header: list[str] | None, required: list[str], optional: list[str]
+) -> tuple[list[str], list[str]]:
+    """(header names stripped, the wanted ones present); DataError on an empty file, a duplicate name or a
+    missing required column."""
     if header is None:
         raise DataError(f"{path}: empty file, expected a header line")
     header = [h.strip() for h in header]
@@ -202,15 +210,7 @@ def _iter_csv_exact(
         raw = sanity.HashingReader(sanity.open_binary(path))
         with io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{path}: empty file, expected a header line")
-            header = [h.strip() for h in header]
-            _refuse_duplicates(path, header)
-            missing = [c for c in required if c not in header]
-            if missing:
-                raise DataError(f"{path}: line 1: header lacks required column(s) {missing}; has {header}")
-            wanted = [c for c in list(required) + list(optional) if c in header]
+            header, wanted = _check_header(path, next(reader, None), required, optional)
             idx = [header.index(c) for c in wanted]
             width = len(header)
             rows: list[list[str]] = []

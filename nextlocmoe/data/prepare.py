@@ -43,11 +43,27 @@ def recover_llmmob_coordinates(table: RecordTable, reference_poi: Path | None) -
     return fit
 
 
-def _check_args(history: int, current: int, min_history: int, duration_cap_min: float) -> None:
+def _check_inputs(
+    dataset: str,
+    source: str | Path,
+    out: str | Path,
+    history: int,
+    current: int,
+    min_history: int,
+    duration_cap_min: float,
+) -> tuple[Path, Path]:
+    """The checks both prepares make before reading anything; returns (source, out) as paths."""
     if history < 1 or current < 1 or min_history < 0 or duration_cap_min <= 0:
         raise DataError("need --history >= 1, --current >= 1, --min-history >= 0, --duration-cap-min > 0")
     if min_history > history:
         raise DataError(f"--min-history {min_history} exceeds --history {history}")
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    source, out = Path(source), Path(out)
+    if not source.exists():
+        raise DataError(f"{source}: source not found")
+    check_out_dir(out)
+    return source, out
 
 
 def prepare(
@@ -65,13 +81,7 @@ def prepare(
 ) -> dict:
     """Prepare one data set into `out` (streaming: memory within ``memory_gb`` whatever the row count,
     ``threads`` cores, 0 = all; data/stream.py); returns the manifest (also written to out/manifest.json)."""
-    _check_args(history, current, min_history, duration_cap_min)
-    if dataset not in DATASETS:
-        raise DataError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
-    source, out = Path(source), Path(out)
-    if not source.exists():
-        raise DataError(f"{source}: source not found")
-    check_out_dir(out)
+    source, out = _check_inputs(dataset, source, out, history, current, min_history, duration_cap_min)
     t0 = time.perf_counter()
     opts = {"history": history, "current": current, "min_history": min_history}
     opts |= {"duration_cap_min": duration_cap_min, "csv_spec": csv_spec, "memory_gb": memory_gb}
@@ -111,11 +121,7 @@ def prepare_in_memory(
     """The in-memory reference of `prepare` (the readers' RecordTable -> windows.build -> write_store):
     the whole source in memory, one core. Kept as the specification the streaming prepare is tested
     against (identical stores); not for large sources."""
-    _check_args(history, current, min_history, duration_cap_min)
-    source, out = Path(source), Path(out)
-    if not source.exists():
-        raise DataError(f"{source}: source not found")
-    check_out_dir(out)
+    source, out = _check_inputs(dataset, source, out, history, current, min_history, duration_cap_min)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     table = read_source(dataset, source, csv_spec)

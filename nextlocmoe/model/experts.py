@@ -114,7 +114,7 @@ class PersonaExperts(nn.Module):
         self.scaling = alpha / r
         self.rank = r
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.frozen: dict[str, str] = {}  # ``freeze``: strategy -> built; constants are buffers
+        self.frozen: set[str] = set()  # strategies whose inference constants ``freeze`` built (buffers)
 
     @property
     def num_experts(self) -> int:
@@ -257,4 +257,4 @@ class PersonaExperts(nn.Module):
             self.register_buffer("w_gu_XD", w_gu.flatten(0, 1).contiguous(), persistent=False)  # [E*2F, D]
             self.register_buffer("w_d_EDF", fold(base.down_proj.weight, "down_A", "down_B").contiguous(),
                                  persistent=False)  # fmt: skip
-        self.frozen[strategy] = strategy
+        self.frozen.add(strategy)
