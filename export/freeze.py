@@ -70,13 +70,20 @@ class CandidateRanker(nn.Module):
         self.k, self.mode, self.scale = min(int(k), int(loc_xy_L2.shape[0])), mode, float(scale)
 
     def forward(
-        self, pred_xy_B2: torch.Tensor, scores_BL: torch.Tensor | None = None
+        self,
+        pred_xy_B2: torch.Tensor,
+        scores_BL: torch.Tensor | None = None,
+        cand_BC: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> topk_ids [B, K] int64, topk_scores [B, K] fp32 (descending)."""
+        """-> topk_ids [B, K] int64, topk_scores [B, K] fp32 (descending). ``cand_BC``: the place ids of
+        a retrieval head's scores [B, C] (model/retrieval.py; -1 entries score NEG and rank last)."""
         if self.mode == "scored":
             if scores_BL is None:
                 raise ValueError("scored ranking needs the model's scored head")
-            vals_BK, ids_BK = torch.topk(scores_BL.float(), self.k, dim=-1)
+            k = self.k if cand_BC is None else min(self.k, int(cand_BC.shape[1]))
+            vals_BK, ids_BK = torch.topk(scores_BL.float(), k, dim=-1)
+            if cand_BC is not None:
+                ids_BK = cand_BC.gather(1, ids_BK)
             return ids_BK, vals_BK
         diff_BL2 = pred_xy_B2.float().unsqueeze(1) - self.loc_xy_L2.unsqueeze(0)
         neg_d2_BL = -(diff_BL2 * diff_BL2).sum(-1)
@@ -101,7 +108,7 @@ class FrozenNextLocMoE(nn.Module):
         if len(inputs) != len(self.input_names):
             raise ValueError(f"expected {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
         preds, _ = self.model(dict(zip(self.input_names, inputs, strict=True)))
-        ids_BK, scores_BK = self.ranker(preds.xy, preds.scores)
+        ids_BK, scores_BK = self.ranker(preds.xy, preds.scores, getattr(preds, "cand", None))
         return preds.xy.float(), ids_BK, scores_BK, preds.dur.float()
 
     def run_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -49,6 +49,8 @@ def eager_reference(
         s = preds.scores.float().numpy()
         ids = np.argsort(-s, axis=1, kind="stable")[:, :k]
         vals = np.take_along_axis(s, ids, 1)
+        if getattr(preds, "cand", None) is not None:  # retrieval head: positions -> place ids
+            ids = np.take_along_axis(preds.cand.numpy(), ids, 1)
     else:
         dist, ids = cKDTree(loc_xy_L2.astype(np.float64)).query(xy.astype(np.float64), k=k)
         ids, vals = ids.reshape(len(xy), k), -dist.reshape(len(xy), k) * metres_per_unit

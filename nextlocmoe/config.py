@@ -162,6 +162,16 @@ class HeadsConfig:
     novelty: bool = False
     novelty_hidden: int = 16  # per-candidate MLP width; 0 = the routed linear score only (cheaper)
     novelty_transitions: int = 32
+    # Candidate retrieval, then scoring (issue 20, docs/SCALE.md, model/candidates.py): the pointer head
+    # scores each sample's pointer window + `retrieval_near` places nearest the current one + its
+    # `retrieval_successors` most frequent train-split successors + the `retrieval_popular` most visited
+    # places (static width), with an id-free generator (no per-place parameters), trained as a sampled
+    # softmax (+ the micro-batch's targets as negatives with `retrieval_in_batch`). Off: every place.
+    retrieval: bool = False
+    retrieval_near: int = 64
+    retrieval_successors: int = 32
+    retrieval_popular: int = 32
+    retrieval_in_batch: bool = True
 
     def __post_init__(self) -> None:
         _check(self.ranking in ("point", "scored", "codes"), "model.heads.ranking must be point|scored|codes")
@@ -172,6 +182,11 @@ class HeadsConfig:
         _check(not self.novelty or self.pointer, "model.heads.novelty=true needs heads.pointer=true")
         _check(self.novelty_hidden >= 0, "model.heads.novelty_hidden must be >= 0")
         _check(self.novelty_transitions >= 1, "model.heads.novelty_transitions must be >= 1")
+        _check(not self.retrieval or self.pointer, "model.heads.retrieval=true needs heads.pointer=true")
+        _check(not (self.retrieval and self.novelty), "model.heads.retrieval and heads.novelty: choose one")
+        _check(self.retrieval_near >= 1, "model.heads.retrieval_near must be >= 1")
+        _check(min(self.retrieval_successors, self.retrieval_popular) >= 0,
+               "model.heads.retrieval_successors and retrieval_popular must be >= 0")  # fmt: skip
 
 
 @dataclass

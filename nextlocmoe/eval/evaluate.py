@@ -27,7 +27,10 @@ from nextlocmoe.eval.metrics import ranking_metrics
 from nextlocmoe.eval.ranking import rank_by_point
 from nextlocmoe.eval.slices import sample_slices, slice_report
 from nextlocmoe.geo import haversine_m, mercator_to_latlon
+from nextlocmoe.model.candidates import candidate_ranks
 from nextlocmoe.tokens.evaluation import codes_metrics, codes_predictions, task_batch
+
+SCORE_BUDGET_ELEMS = 16_000_000  # batch x places per full-scoring tensor (64 MB of fp32)
 
 
 def score_ranks(scores_BL: torch.Tensor, target_B: torch.Tensor) -> torch.Tensor:
@@ -66,6 +69,8 @@ def predict_split(
     idx = eval_subset(len(ds), max_samples)
     out: dict[str, list] = {"pred_xy": [], "target_loc": [], "scored_rank": [], "scored_top1": []}
     model.to(device).eval()
+    n_loc = int(load_manifest(data_dir)["locations"])
+    batch_size = memory_batch(model, batch_size, n_loc)
     starts = batch_starts(len(idx), batch_size, *shard)
     for a in tqdm(starts, desc=f"evaluate {split}", leave=False, mininterval=5, disable=shard[0] != 0):
         batch = task_batch(collate(ds.get_batch(idx[a : a + batch_size])), task)
@@ -76,9 +81,30 @@ def predict_split(
         out["pred_xy"].append(pred.xy.float().cpu().numpy())
         out["target_loc"].append(batch["target_loc"].cpu().numpy())
         if pred.scores is not None:
-            out["scored_rank"].append(score_ranks(pred.scores, batch["target_loc"]).cpu().numpy())
-            out["scored_top1"].append(pred.scores.argmax(1).cpu().numpy())
+            for k, v in scored_outputs(pred, batch["target_loc"], n_loc).items():
+                out.setdefault(k, []).append(v)
     return {k: np.concatenate(v) for k, v in out.items() if v}
+
+
+def scored_outputs(pred, target_B: torch.Tensor, n_loc: int) -> dict[str, np.ndarray]:
+    """Per-sample scored rank and top-1 place of one batch; with a retrieval head (``pred.cand``) ranks
+    among the candidates (a target outside them ranks ``n_loc``) and ``candidate_inside`` (recall)."""
+    if pred.cand is None:
+        return {"scored_rank": score_ranks(pred.scores, target_B).cpu().numpy(),
+                "scored_top1": pred.scores.argmax(1).cpu().numpy()}  # fmt: skip
+    ranks, inside = candidate_ranks(pred.scores, pred.cand, target_B, n_loc)
+    top1 = pred.cand.gather(1, pred.scores.argmax(1, keepdim=True)).squeeze(1)
+    return {"scored_rank": ranks.cpu().numpy(), "scored_top1": top1.cpu().numpy(),
+            "candidate_inside": inside.cpu().numpy()}  # fmt: skip
+
+
+def memory_batch(model: torch.nn.Module, batch_size: int, n_loc: int) -> int:
+    """``batch_size`` capped so a head that scores every place holds at most SCORE_BUDGET_ELEMS
+    batch x place elements per [B, L] tensor (an evaluation batch that fits memory at any L)."""
+    scored = getattr(model, "scored", None)
+    if scored is None or getattr(scored, "index", None) is not None:  # no head / retrieval: no [B, L]
+        return batch_size
+    return max(1, min(batch_size, SCORE_BUDGET_ELEMS // max(n_loc, 1)))
 
 
 def _point_metrics(res: dict, data_dir: str | Path, stats: dict | None = None) -> dict:
@@ -149,6 +175,8 @@ def report_from_predictions(
     rankings = {"point": _point_metrics(res, data_dir, stats)}
     if "scored_rank" in res:
         rankings["scored"] = _scored_metrics(res, data_dir)
+        if "candidate_inside" in res:  # retrieval head: share of targets inside the candidate set
+            rankings["scored"]["candidate_recall"] = float(np.mean(res["candidate_inside"]))
     if "codes_rank" in res:
         rankings["codes"] = codes_metrics(res, data_dir, beam)
     if ranking not in rankings:

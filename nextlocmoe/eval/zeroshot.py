@@ -24,6 +24,8 @@ from nextlocmoe.eval.evaluate import evaluate_model
 
 SCORED_TRANSFER = "scored head without its per-location embedding term: distance to the predicted point + "
 SCORED_TRANSFER += "visit counts in the sample's own history / current window (learned beta, a_hist, a_cur)"
+RETRIEVAL_TRANSFER = "retrieval head (no per-location parameters): candidates and the generator's visit and "
+RETRIEVAL_TRANSFER += "transition counts from the target data set's train split"
 POINTER_TRANSFER = "copy/explore head without the source city's per-location embedding term and bias: "
 POINTER_TRANSFER += (
     "the id-free pointer over the sample's own earlier records + distance terms of the generator"
@@ -66,6 +68,8 @@ def evaluate_transfer(
     how = {"point": "target locations ranked by distance to the predicted point"}
     if model.scored is not None:
         moved = POINTER_TRANSFER if hasattr(model.scored, "loc_bias") else SCORED_TRANSFER
+        if getattr(model.scored, "index", None) is not None:
+            moved = RETRIEVAL_TRANSFER
         how["scored"] = moved if transfer else "full scored head (the run's own location table)"
     report["run"] = str(run_dir)
     report["zero_shot"] = {

@@ -230,8 +230,8 @@ def load_run(
     model = rebuild_model(cfg.model, info, transfer)
     load_weights(model, ckpt, info, state)
     if foreign:
-        with torch.no_grad():
-            model.scored.loc_emb.weight.zero_()
-            if hasattr(model.scored, "loc_bias"):  # pointer head: the source city's location bias too
-                model.scored.loc_bias.weight.zero_()
+        with torch.no_grad():  # (the retrieval head has no per-place parameters: nothing to drop)
+            for name in ("loc_emb", "loc_bias"):  # the pointer head has a location bias too
+                if hasattr(model.scored, name):
+                    getattr(model.scored, name).weight.zero_()
     return cfg, model.eval(), info

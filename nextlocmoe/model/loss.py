@@ -7,6 +7,7 @@ loss = mean Euclidean distance (metres) + lambda * mean personalized-router entr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,17 @@ def distance_m(pred_xy_B2: torch.Tensor, target_xy_B2: torch.Tensor, xy_std_m: f
     return torch.sqrt((d * d).sum(-1) + 1e-6)
 
 
+def scored_nll(scores: torch.Tensor, cand_BC: torch.Tensor | None, target_B: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy [B] of the scored head: over every place (``cand_BC`` None, scores [B, L])
+    or over the retrieved candidates [B, C] (model/retrieval.py: log-probabilities; a target outside its
+    set, possible outside training, costs -log 1e-12, the mass the head gave it)."""
+    if cand_BC is None:
+        return torch.nn.functional.cross_entropy(scores.float(), target_B, reduction="none")
+    hit_BC = cand_BC == target_B.unsqueeze(1)
+    logp = torch.where(hit_BC, scores.float(), torch.zeros_like(scores, dtype=torch.float32)).sum(1)
+    return -torch.where(hit_BC.any(1), logp, torch.full_like(logp, math.log(1e-12)))
+
+
 def compute_loss(
     pred: Predictions, aux: ModelAux, batch: dict[str, torch.Tensor], cfg: LossConfig, xy_std_m: float
 ) -> LossParts:
@@ -67,9 +79,7 @@ def compute_loss(
     dur = mean((pred.dur.float() - batch["target_dur"].float()).abs())
     scored = zero
     if pred.scores is not None:
-        scored = mean(
-            torch.nn.functional.cross_entropy(pred.scores.float(), batch["target_loc"], reduction="none")
-        )
+        scored = mean(scored_nll(pred.scores, pred.cand, batch["target_loc"]))
     codes = None
     if pred.code_logits is not None:
         B, Lv, K = pred.code_logits.shape

@@ -21,6 +21,7 @@ from torch import nn
 from nextlocmoe.batch_keys import POINTER_KEYS
 from nextlocmoe.config import ModelConfig
 from nextlocmoe.model.backbone import swap_ffns
+from nextlocmoe.model.candidates import retrieval_tables
 from nextlocmoe.model.embedding import HistoryEncoder, RecordEmbedding
 from nextlocmoe.model.heads import PointHeads, ScoredHead
 from nextlocmoe.model.layout import sequence_mask
@@ -28,6 +29,7 @@ from nextlocmoe.model.novelty import novelty_settings
 from nextlocmoe.model.personal_moe import PersonalMoE, RoutingContext
 from nextlocmoe.model.pointer import PointerScoredHead
 from nextlocmoe.model.qtmob import QTMob
+from nextlocmoe.model.retrieval import RetrievalPointerHead
 from nextlocmoe.model.routing import RoutingAux, combine_weights_TE
 from nextlocmoe.model.semantic_moe import SemanticMoE, time_prior_table
 
@@ -76,6 +78,7 @@ class Predictions:
     code_logits: torch.Tensor | None = None  # [B, Lv, K] teacher-forced QT-Mob code logits (training loss)
     code_targets: torch.Tensor | None = None  # [B, Lv] the target's codes
     hidden: torch.Tensor | None = None  # [B, D] last hidden state (QT-Mob beam search at evaluation)
+    cand: torch.Tensor | None = None  # [B, C] place ids of `scores` (retrieval head; -1 = none), None: all
 
 
 @dataclass
@@ -124,8 +127,15 @@ class NextLocMoE(nn.Module):
         self.heads = PointHeads(d_model)
         hc = cfg.heads
         self.scored: nn.Module | None = None
-        if hc.pointer:
-            n_fn = self.semantic.num_experts if self.semantic is not None else 0
+        n_fn = self.semantic.num_experts if self.semantic is not None else 0
+        if hc.pointer and hc.retrieval:
+            tables = retrieval_tables(info.loc_xy_norm.numpy(), info.records, hc.retrieval_near,
+                                      hc.retrieval_successors, hc.retrieval_popular)  # fmt: skip
+            self.scored = RetrievalPointerHead(
+                d_model, info.loc_xy_norm, tables, hc.pointer_hidden, cfg.personal_moe.num_experts, n_fn,
+                info.xy_std_m, hc.query_time, hc.retrieval_in_batch,
+            )  # fmt: skip
+        elif hc.pointer:
             self.scored = PointerScoredHead(
                 d_model, info.loc_xy_norm, hc.d_loc_emb, hc.pointer_hidden, cfg.personal_moe.num_experts,
                 n_fn, info.xy_std_m, hc.query_time, novelty_settings(hc, info),
@@ -229,8 +239,10 @@ class NextLocMoE(nn.Module):
         """Heads on the last hidden state h_last [B, D]; the routing of both levels conditions the pointer."""
         B = h_last.shape[0]
         xy, dur = self.heads(h_last)
-        scores = None
-        if isinstance(self.scored, PointerScoredHead):
+        scores = cand = None
+        if isinstance(self.scored, RetrievalPointerHead):
+            scores, cand = self.scored(h_last, xy, batch, *self.routing_mix(sink, sem_aux, B))
+        elif isinstance(self.scored, PointerScoredHead):
             pi, om = self.routing_mix(sink, sem_aux, B)
             scores = self.scored(h_last, xy, batch, pi, om)
         elif self.scored is not None:
@@ -239,4 +251,5 @@ class NextLocMoE(nn.Module):
         if self.qtmob is not None and self.qtmob.head is not None and "target_loc" in batch:
             code_logits, code_targets = self.qtmob.code_logits(h_last, batch["target_loc"])
         focus = batch["cur_xy"].shape[1] if self.cfg.personal_moe.balance_scope == "current" else 0
-        return Predictions(xy, dur, scores, code_logits, code_targets, h_last), ModelAux(sem_aux, sink, focus)
+        preds = Predictions(xy, dur, scores, code_logits, code_targets, h_last, cand)
+        return preds, ModelAux(sem_aux, sink, focus)

@@ -104,9 +104,11 @@ class PointerScoredHead(nn.Module):
         metres_per_unit: float,
         query_time: bool = True,
         novelty: dict | None = None,
+        location_params: bool = True,
     ) -> None:
         """``novelty``: None (the generator over every place) or the exploration head's settings
-        {"hidden": int, "top_k": int, "counts": CityCounts | None} (model/novelty.py)."""
+        {"hidden": int, "top_k": int, "counts": CityCounts | None} (model/novelty.py).
+        ``location_params=False``: no per-place parameters (the retrieval head, model/retrieval.py)."""
         super().__init__()
         self.register_buffer("loc_xy_L2", loc_xy_L2.float().clone(), persistent=True)
         self.metres_per_unit, self.query_time = float(metres_per_unit), bool(query_time)
@@ -116,11 +118,12 @@ class PointerScoredHead(nn.Module):
         self.v0 = nn.Parameter(torch.zeros(hidden))
         self.v_persona = nn.Parameter(torch.zeros(num_personas, hidden))
         self.v_function = nn.Parameter(torch.zeros(max(num_functions, 1), hidden))
-        self.loc_emb = nn.Embedding(L, d_emb)
-        nn.init.normal_(self.loc_emb.weight, std=0.02)
-        self.loc_bias = nn.Embedding(L, 1)
-        nn.init.zeros_(self.loc_bias.weight)
-        self.gen_query = nn.Linear(d_model, d_emb, bias=False)
+        if location_params:
+            self.loc_emb = nn.Embedding(L, d_emb)
+            nn.init.normal_(self.loc_emb.weight, std=0.02)
+            self.loc_bias = nn.Embedding(L, 1)
+            nn.init.zeros_(self.loc_bias.weight)
+            self.gen_query = nn.Linear(d_model, d_emb, bias=False)
         self.log_beta = nn.Parameter(torch.zeros(2))  # [current-place, predicted-point] distance scales
         self.gate_h = nn.Linear(d_model, hidden)
         self.novel: NoveltyScorer | None = None
@@ -168,14 +171,12 @@ class PointerScoredHead(nn.Module):
         leave-one-out (model/novelty.py); evaluation never reads it."""
         h_BD = h_BD.float()
         a_BP = self.copy_scores(h_BD, batch, pi_BE, om_BF)
-        w_BP = torch.softmax(a_BP, dim=-1) * (batch["ptr_loc"] >= 0).float()
+        w_BP = self.slot_weights(a_BP, batch["ptr_loc"])
         L = self.loc_xy_L2.shape[0]
         p_copy = torch.zeros(a_BP.shape[0], L, dtype=torch.float32, device=a_BP.device)
         p_copy = p_copy.scatter_add(1, batch["ptr_loc"].clamp_min(0), w_BP)
         gen = self.gen_logits(h_BD, pred_xy_B2, batch["cur_xy"][:, -1])
-        n_slots = (batch["ptr_loc"] >= 0).float().sum(-1, keepdim=True)
-        evidence = torch.logsumexp(a_BP, dim=-1, keepdim=True)
-        stats = torch.cat([evidence.clamp(-20, 20) / 5.0, torch.log1p(n_slots) / 5.0], -1)
+        stats = self.copy_stats(a_BP, batch["ptr_loc"])
         if self.novel is None:
             p_gen = torch.softmax(gen, dim=-1)
         else:
@@ -185,7 +186,23 @@ class PointerScoredHead(nn.Module):
             logits_new = torch.where(visited > 0, torch.full_like(gen, NEG), gen + s_BL)
             p_gen = torch.exp(novelty_log_probs(logits_new, visited))
             stats = torch.cat([stats, gate_stats(explore_BS, logits_new)], -1)
+        g = self.gate(h_BD, stats, batch["ptr_loc"])
+        return torch.log(g * p_copy + (1 - g) * p_gen + 1e-12)
+
+    @staticmethod
+    def slot_weights(a_BP: torch.Tensor, ptr_loc_BP: torch.Tensor) -> torch.Tensor:
+        """The copy distribution over slots [B, P] (masked slots 0)."""
+        return torch.softmax(a_BP, dim=-1) * (ptr_loc_BP >= 0).float()
+
+    @staticmethod
+    def copy_stats(a_BP: torch.Tensor, ptr_loc_BP: torch.Tensor) -> torch.Tensor:
+        """The gate's copy evidence [B, 2]: scaled log-sum-exp of the slot scores and log #valid slots."""
+        n_slots = (ptr_loc_BP >= 0).float().sum(-1, keepdim=True)
+        evidence = torch.logsumexp(a_BP, dim=-1, keepdim=True)
+        return torch.cat([evidence.clamp(-20, 20) / 5.0, torch.log1p(n_slots) / 5.0], -1)
+
+    def gate(self, h_BD: torch.Tensor, stats: torch.Tensor, ptr_loc_BP: torch.Tensor) -> torch.Tensor:
+        """g = P(copy) [B, 1] from the hidden state and the statistics; 0 when the window is empty."""
         gate_in = torch.cat([F.gelu(linear32(self.gate_h, h_BD)), stats], -1)
         g = torch.sigmoid(linear32(self.gate_out, gate_in))
-        g = g * (n_slots > 0).float()
-        return torch.log(g * p_copy + (1 - g) * p_gen + 1e-12)
+        return g * ((ptr_loc_BP >= 0).sum(-1, keepdim=True) > 0).float()
