@@ -29,14 +29,18 @@ from scale_bench import PREPARE, ROOT, generate, measure  # noqa: E402
 
 PY = sys.executable
 TRAIN = (
-    f"{PY} -m torch.distributed.run --standalone --nproc_per_node 2 train/train.py --config configs/debug.yaml"
-    " --deepspeed ds_configs/zero2.json --no-eval train.ep_size=2 train.zero_stage=2 train.steps={steps}"
+    f"{PY} -m torch.distributed.run --standalone --nproc_per_node 2 train/train.py"
+    " --config configs/debug.yaml --deepspeed ds_configs/zero2.json --no-eval train.ep_size=2"
+    " train.zero_stage=2 train.steps={steps}"
     " train.log_every=5 train.ckpt_every={steps} train.out_dir={work} train.name={name} data.dir={store}"
     " model.heads.retrieval={retrieval}"
 )
 EVAL = f"{PY} -m nextlocmoe.cli evaluate --run {{run}} --max-samples {{n}} --quiet --out {{run}}/eval.json"
 EXPORT = f"{PY} export/export.py --run {{run}} --out {{eng}} --format onnx"
-BENCH = f"{PY} export/bench.py --engines {{eng}} --backends onnxruntime --batch-sizes 1,8 --no-e2e --out {{eng}}/bench.json"
+BENCH = (
+    f"{PY} export/bench.py --engines {{eng}} --backends onnxruntime --batch-sizes 1,8 --no-e2e"
+    " --out {eng}/bench.json"
+)
 
 
 def step_time(run: Path) -> float | None:
@@ -64,13 +68,14 @@ def bench_head(store: Path, work: Path, head: str, args: argparse.Namespace) -> 
     cmd = EVAL.format(run=run, n=args.eval_samples)
     res["evaluate"] = measure(cmd) | {"command": cmd}
     ev = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {}
-    res["hit1"], res["candidate_recall"] = ev.get("hit@1"), ev.get("rankings", {}).get("scored", {}).get(
-        "candidate_recall"
+    res["hit1"], res["candidate_recall"] = (
+        ev.get("hit@1"),
+        ev.get("rankings", {}).get("scored", {}).get("candidate_recall"),
     )
     cmd = EXPORT.format(run=run, eng=eng)
     res["export"] = measure(cmd) | {"command": cmd}
-    onnx = eng / "model.onnx"
-    res["onnx_mb"] = round(sum(p.stat().st_size for p in eng.glob("model.onnx*")) / 1e6, 1) if onnx.exists() else None
+    files = list(eng.glob("model.onnx*"))  # the graph and any external-data file
+    res["onnx_mb"] = round(sum(p.stat().st_size for p in files) / 1e6, 1) if files else None
     cmd = BENCH.format(eng=eng)
     res["bench"] = measure(cmd) | {"command": cmd}
     if (eng / "bench.json").is_file():

@@ -78,7 +78,9 @@ def retrieval_tables(
 NO_PLACE = 1 << 40  # sort key of padding: after every place id
 
 
-def dedupe(ids_BC: torch.Tensor, w_BC: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def dedupe(
+    ids_BC: torch.Tensor, w_BC: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Keep the first occurrence of each place: later duplicates become -1 (padding stays -1), and ``w``
     (e.g. the pointer's slot weights) is summed onto the kept entry. -> (ids [B, C], w [B, C] or None).
 
@@ -130,13 +132,11 @@ class CandidateIndex(nn.Module):
         target and the batch's targets when ``target_B`` is given: training only)."""
         ptr_BP = batch["ptr_loc"].long()
         B = ptr_BP.shape[0]
-        cur_B = batch["cur_loc"][:, -1].long().clamp_min(0)
-        parts = [
-            ptr_BP,
-            self.near_LK[cur_B].long(),
-            self.succ_LK[cur_B].long(),
-            self.popular_N.unsqueeze(0).expand(B, -1),
-        ]
+        cur_B = batch["cur_loc"][:, -1].long()
+        known_B1 = (cur_B >= 0).unsqueeze(1)  # an unknown current place (-1) has no neighbours
+        near_BK = torch.where(known_B1, self.near_LK[cur_B.clamp_min(0)].long(), -1)
+        succ_BK = torch.where(known_B1, self.succ_LK[cur_B.clamp_min(0)].long(), -1)
+        parts = [ptr_BP, near_BK, succ_BK, self.popular_N.unsqueeze(0).expand(B, -1)]
         if target_B is not None:
             parts.append(target_B.long().unsqueeze(1))
             if self.in_batch:

@@ -221,6 +221,8 @@ class Predictor:
         return self.runner.run(self.features(seqs))
 
     def _answer(self, q: Query, ids: np.ndarray, scores: np.ndarray, source: str, note: str = "") -> dict:
+        keep = ids >= 0  # a retrieval engine pads with -1 when a sample has fewer than k candidates
+        ids, scores = ids[keep], scores[keep]
         a = {"user": q.user, "at": iso_minutes(q.at), "venues": self.engine.venues["id"][ids].tolist(),
              "scores": [round(float(s), 6) for s in scores], "engine_version": self.engine.version,
              "source": source}  # fmt: skip

@@ -100,7 +100,9 @@ def test_retrieval_run_exports_and_evaluates(tmp_path: Path) -> None:
     )
     assert p.returncode == 0, p.stderr[-2000:]
     _fake_run(data, run, ("model.heads.retrieval=true",))
-    p = _run(["export/export.py", "--run", str(run), "--out", str(eng), "--format", "onnx", "--n-check", "24"])
+    p = _run(
+        ["export/export.py", "--run", str(run), "--out", str(eng), "--format", "onnx", "--n-check", "24"]
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     onnx = json.loads((eng / "export_report.json").read_text())["onnx"]
     assert onnx["max_abs_diff"] <= 1e-4 and onnx["top10_agreement"] >= 0.99, onnx
