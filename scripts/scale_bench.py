@@ -35,8 +35,12 @@ PREPARE = (
 )
 
 
-def generate(path: Path, rows: int, locations: int, rows_per_user: int, zipf: float, seed: int) -> None:
-    """Write ``rows`` synthetic check-ins to ``path`` (CSV), 1M rows at a time."""
+def generate(
+    path: Path, rows: int, locations: int, rows_per_user: int, zipf: float, seed: int, cover: bool = False
+) -> None:
+    """Write ``rows`` synthetic check-ins to ``path`` (CSV), 1M rows at a time. ``cover``: the first
+    ``locations`` rows visit every venue once (in random order), so all L venues are known places of the
+    store (Zipf alone leaves most of a 1M-venue tail unvisited at a few million rows)."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
@@ -46,6 +50,7 @@ def generate(path: Path, rows: int, locations: int, rows_per_user: int, zipf: fl
     p = 1.0 / np.arange(1, locations + 1) ** zipf
     cdf = np.cumsum(p / p.sum())
     users = max(rows // rows_per_user, 1)
+    order = rng.permutation(locations) if cover else None
     t0 = 1_333_000_000  # 2012-03-29
     tmp = path.with_suffix(".partial")
     schema = pa.schema([("user", pa.int64()), ("venue", pa.int64()), ("time", pa.int64())]
@@ -54,6 +59,9 @@ def generate(path: Path, rows: int, locations: int, rows_per_user: int, zipf: fl
         for start in range(0, rows, 1_000_000):
             n = min(1_000_000, rows - start)
             venue = np.minimum(np.searchsorted(cdf, rng.random(n)), locations - 1)
+            if cover and start < locations:
+                first = min(n, locations - start)
+                venue[:first] = order[start : start + first]
             cols = {
                 "user": rng.integers(0, users, n),
                 "venue": venue,

@@ -3,8 +3,8 @@ engine latency with peak memory, for the full-scoring and the retrieval pointer 
 
     python scripts/scale_model_bench.py --locations 1e4 1e6 --heads retrieval full --out scale-out/model.json
 
-For each L: ``--rows`` synthetic check-ins (scripts/scale_bench.py's generator: Zipf venues around one
-city) are prepared once; then per head (``model.heads.retrieval`` true / false on the debug flavour):
+For each L: max(``--rows``, L) synthetic check-ins (scripts/scale_bench.py's generator: Zipf venues around
+one city, the first L rows visiting every venue once so the store knows all L places) are prepared once; then per head (``model.heads.retrieval`` true / false on the debug flavour):
 
 - **train**: ``--steps`` DeepSpeed steps on 2 CPU ranks (ZeRO-2, ep_size=2, as the demo); the step time is
   the median of metrics.jsonl's ``step_time_s`` windows after the first (warm-up, model build excluded);
@@ -116,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.work / "model_bench.json"
     results = []
     for n_loc in [int(x) for x in args.locations]:
-        rows = int(args.rows)
-        src, store = args.work / f"checkins_{rows}_L{n_loc}.csv", args.work / f"store_L{n_loc}"
+        rows = max(int(args.rows), n_loc)
+        src, store = args.work / f"cover_{rows}_L{n_loc}.csv", args.work / f"store_L{n_loc}c"
         if not (store / "manifest.json").is_file():
             if not src.exists():
-                generate(src, rows, n_loc, 200, 1.1, 0)
+                generate(src, rows, n_loc, 200, 1.1, 0, cover=True)  # every venue a known place
             measure(PREPARE.format(src=src, out=store, mem=3.0))
         for head in args.heads:
             res = {"locations": n_loc, "rows": rows} | bench_head(store, args.work, head, args)

@@ -187,3 +187,16 @@ def test_retrieval_head_exports_with_parity(tmp_path: Path) -> None:
         got = sess.run({k: v.numpy() for k, v in zip(names, xs, strict=True)})
         assert np.array_equal(got["cand"], ref_c)
         assert np.abs(np.exp(got["logp"]) - np.exp(ref_p)).max() < 1e-5
+
+
+def test_evaluation_batch_fits_memory_at_any_place_count() -> None:
+    from nextlocmoe.eval.evaluate import SCORE_BUDGET_ELEMS, memory_batch
+
+    full = nn.Module()
+    full.scored = nn.Linear(1, 1)  # a head that scores every place (no candidate index)
+    assert memory_batch(full, 256, 5_000) == 256
+    assert memory_batch(full, 256, 1_000_000) == SCORE_BUDGET_ELEMS // 1_000_000 < 256
+    assert memory_batch(full, 256, 10**9) == 1
+    retrieval = nn.Module()
+    retrieval.scored = _head()
+    assert memory_batch(retrieval, 256, 1_000_000) == 256  # no [B, L] tensor: the batch is kept
