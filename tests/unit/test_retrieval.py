@@ -200,3 +200,30 @@ def test_evaluation_batch_fits_memory_at_any_place_count() -> None:
     retrieval = nn.Module()
     retrieval.scored = _head()
     assert memory_batch(retrieval, 256, 1_000_000) == 256  # no [B, L] tensor: the batch is kept
+
+
+def test_whole_model_trains_in_bf16_with_the_retrieval_head() -> None:
+    """The debug model with ``model.heads.retrieval`` under DeepSpeed's bf16 rule (parameters cast, the
+    batch and buffers fp32): finite fp32 loss and gradients, fp32 candidate scores, tables unchanged."""
+    from nextlocmoe.model.build import build_model
+    from nextlocmoe.model.loss import compute_loss
+    from nextlocmoe.model.nextlocmoe import DataInfo
+    from nextlocmoe.model.precision import cast_parameters
+    from tests.unit.conftest import ROOT, random_batch
+
+    cfg = load_config(ROOT / "configs" / "debug.yaml", ["model.heads.retrieval=true"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, DataInfo(torch.randn(50, 2), 1000.0, records=_records()))
+    cast_parameters(model, torch.bfloat16)
+    assert model.scored.index.visits_L.dtype == torch.float32  # buffers keep their dtype
+    batch = random_batch(B=6, L=50)
+    pred, aux = model.train()(batch)
+    assert pred.scores.dtype == torch.float32 and pred.cand.shape == pred.scores.shape
+    parts = compute_loss(pred, aux, batch, cfg.loss, 1000.0)
+    assert torch.isfinite(parts.total) and parts.scored > 0
+    parts.total.backward()
+    g = model.scored.count_w.weight.grad
+    assert g is not None and torch.isfinite(g).all()
+    with torch.no_grad():
+        pred_eval, _ = model.eval()(batch)
+    assert pred_eval.cand.shape[1] == pred.cand.shape[1] - 1 - 6  # no target, no in-batch negatives
