@@ -146,22 +146,22 @@ def _ordered(con, cols: str, batch_rows: int):
 
 def whole_user_batches(reader: Iterable, key: str, min_rows: int) -> Iterator[dict[str, np.ndarray]]:
     """Batches (column name -> [n] numpy) of Arrow record batches sorted by ``key`` (a query's reader, or
-    Parquet files read in order), each holding whole groups of ``key`` and at least ``min_rows`` rows (but
-    the last)."""
+    Parquet files read in order): each the shortest run of whole groups of ``key`` with at least
+    ``min_rows`` rows (the last: what is left). The cuts depend on the rows only, not on how the reader
+    batches them, so every engine cuts the same shards."""
+    i = max(1, int(min_rows))
     carry: dict[str, np.ndarray] | None = None
     for rb in reader:
-        cols = {n: rb.column(i).to_numpy(zero_copy_only=False) for i, n in enumerate(rb.schema.names)}
-        if carry is not None:
-            cols = {n: np.concatenate([carry[n], cols[n]]) for n in cols}
-        k = cols[key]
-        if len(k) < min_rows:
-            carry = cols
-            continue
-        other = np.flatnonzero(k != k[-1])
-        cut = other[-1] + 1 if len(other) else 0
-        carry = {n: v[cut:] for n, v in cols.items()}
-        if cut:
-            yield {n: v[:cut] for n, v in cols.items()}
+        cols = {n: rb.column(j).to_numpy(zero_copy_only=False) for j, n in enumerate(rb.schema.names)}
+        carry = cols if carry is None else {n: np.concatenate([carry[n], cols[n]]) for n in cols}
+        while len(carry[key]) > i:
+            k = carry[key]
+            later = np.flatnonzero(k[i:] != k[i - 1 : -1])  # group starts at or after row i
+            if not len(later):
+                break
+            cut = i + int(later[0])
+            yield {n: v[:cut] for n, v in carry.items()}
+            carry = {n: v[cut:] for n, v in carry.items()}
     if carry is not None and len(carry[key]):
         yield carry
 

@@ -57,8 +57,12 @@ def session(master: str | None, memory_gb: float):
     local[*] outside spark-submit). A local master gets a driver heap of 60 % of ``memory_gb``, the UI
     off, shuffle partitions 2 per core and spark.local.dir under a temporary folder; on a cluster those are
     the cluster's settings (spark-submit --conf)."""
-    from pyspark.sql import SparkSession
-
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        raise DataError(
+            "--engine spark needs pyspark: pip install 'nextlocmoe[spark]' (and Java 17+)"
+        ) from None
     if master is None and "PYSPARK_GATEWAY_PORT" not in os.environ:
         master = "local[*]"
     b = SparkSession.builder.appName("nextlocmoe-prepare").config("spark.ui.showConsoleProgress", "false")
