@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import logging
 import os
 import shutil
 import sys
@@ -75,8 +76,12 @@ def session(master: str | None, memory_gb: float):
         b = b.config("spark.ui.enabled", "false").config("spark.local.dir", _LOCAL_DIR[0])
         b = b.config("spark.driver.memory", f"{max(512, int(memory_gb * 0.6 * 1024))}m")
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the workers run this interpreter
+    logging.getLogger("py4j").setLevel(logging.WARNING)
     spark = b.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
+    if master is not None and spark.sparkContext.master != master:
+        raise DataError(f"--spark-master {master}: this process already runs Spark on "
+                        f"{spark.sparkContext.master} (one session per process)")  # fmt: skip
     if master is not None and master.startswith("local"):
         spark.conf.set("spark.sql.shuffle.partitions", str(2 * spark.sparkContext.defaultParallelism))
     return spark
