@@ -8,13 +8,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nextlocmoe.data import stream
 from nextlocmoe.data.csvsource import CsvSpec
+from nextlocmoe.data.parsing import DataError
 from nextlocmoe.data.prepare import prepare
 from tests.conftest import SHARED_DATA
-from tests.unit.test_prepare_stream import CATEGORIES, _irregular_csv, assert_same_store
+from tests.unit.test_prepare_stream import CATEGORIES, _irregular_csv, _weekday_csv, assert_same_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 need_shared = pytest.mark.skipif(not (SHARED_DATA / "fsq-nyc").is_dir(), reason="../shared/data not present")
@@ -67,3 +69,23 @@ def test_irregular_csv_same_accounting(tmp_path: Path, monkeypatch) -> None:
     assert d["malformed_row"] == 1 and d["duplicate"] == 2 and d["user_too_short"] == 1
     assert m["drop_examples"]["malformed_row"] == ["c.csv:66"]
     assert "unix milliseconds" in m["time_origin"]
+
+
+def test_weekday_hour_order_and_int_ids(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(stream, "budget", lambda gb, threads: (25, 0.5, 2))
+    src = _weekday_csv(tmp_path / "w.csv")
+    _, m = _spark_vs_duckdb(tmp_path, "csv", src, 6, 3, csv_spec=CATEGORIES)
+    assert np.load(tmp_path / "spark" / "users.npy").dtype.kind == "i"  # '007', '1', '2' -> 7, 1, 2
+    assert "reconstructed per user" in m["time_origin"] and len(m["shards"]) > 1
+
+
+def test_errors_match_the_single_machine_ones(tmp_path: Path) -> None:
+    src = tmp_path / "c.csv"
+    src.write_text("user,venue,time\n" + "".join(f"u{i},v{i},{1_600_000_000 + i}\n" for i in range(20)))
+    msgs = []
+    for kw in ({}, SPARK):
+        with pytest.raises(DataError, match="no usable users") as e:
+            prepare("csv", src, tmp_path / "o", csv_spec=CsvSpec(time_col="time"), **kw)
+        msgs.append(str(e.value))
+    assert msgs[0] == msgs[1]
+    assert not list(tmp_path.glob(".*")), "no scratch or partial folders left behind"
