@@ -67,6 +67,13 @@ def _check_inputs(
     return source, out
 
 
+def _check_engine(engine: str, spark_master: str | None) -> None:
+    if engine not in ENGINES:
+        raise DataError(f"unknown engine {engine!r}; expected one of {ENGINES}")
+    if spark_master is not None and engine != "spark":
+        raise DataError(f"--spark-master {spark_master} needs --engine spark")
+
+
 def prepare(
     dataset: str,
     source: str | Path,
@@ -87,10 +94,7 @@ def prepare(
     ``engine`` "spark": the same steps on Spark (data/spark_engine.py; ``spark_master`` e.g. local[2],
     spark://host:7077, or None for the one spark-submit set) with the same store; the manifest then
     names the engine."""
-    if engine not in ENGINES:
-        raise DataError(f"unknown engine {engine!r}; expected one of {ENGINES}")
-    if spark_master is not None and engine != "spark":
-        raise DataError(f"--spark-master {spark_master} needs --engine spark")
+    _check_engine(engine, spark_master)
     source, out = _check_inputs(dataset, source, out, history, current, min_history, duration_cap_min)
     t0 = time.perf_counter()
     opts = {"history": history, "current": current, "min_history": min_history}

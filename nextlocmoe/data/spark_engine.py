@@ -87,6 +87,17 @@ def session(master: str | None, memory_gb: float):
     return spark
 
 
+def stop() -> None:
+    """Stop this process's Spark session (if any) and remove the local folder it started with."""
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        active.stop()
+    while _LOCAL_DIR:
+        shutil.rmtree(_LOCAL_DIR.pop(), ignore_errors=True)
+
+
 def connect(work: Path, memory_gb: float, master: str | None = None) -> SparkCon:
     """A Spark session (`session`) and the scratch folder ``work`` for this prepare."""
     spark = session(master, memory_gb)

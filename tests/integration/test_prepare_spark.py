@@ -23,6 +23,15 @@ need_shared = pytest.mark.skipif(not (SHARED_DATA / "fsq-nyc").is_dir(), reason=
 SPARK = {"engine": "spark", "spark_master": "local[2]"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _stop_spark():
+    """The session the first test starts serves the module; stopped after it (its JVM holds ~1 GB)."""
+    yield
+    from nextlocmoe.data import spark_engine
+
+    spark_engine.stop()
+
+
 def _spark_vs_duckdb(tmp_path: Path, *args, **kw) -> tuple[dict, dict]:
     """Both prepares of the same source; asserts identical stores (every array, stats, the manifest but
     timings and the engine) and returns both manifests."""
