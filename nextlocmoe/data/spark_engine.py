@@ -46,6 +46,7 @@ class SparkCon:
     work: Path
     parallelism: int
     partitions: int
+    wave: int = 1  # parse tasks per wave (stage 1): the driver holds that many chunks
     t: dict = field(default_factory=dict)
 
     def close(self) -> None:
@@ -102,7 +103,8 @@ def connect(work: Path, memory_gb: float, master: str | None = None) -> SparkCon
     """A Spark session (`session`) and the scratch folder ``work`` for this prepare."""
     spark = session(master, memory_gb)
     par = spark.sparkContext.defaultParallelism
-    return SparkCon(spark, Path(work).resolve(), par, int(spark.conf.get("spark.sql.shuffle.partitions")))
+    parts = int(spark.conf.get("spark.sql.shuffle.partitions"))
+    return SparkCon(spark, Path(work).resolve(), par, parts, wave=par)
 
 
 def describe(con: SparkCon) -> dict:
@@ -117,13 +119,13 @@ def describe(con: SparkCon) -> dict:
 
 
 def runner(con: SparkCon):
-    """Stage 1's runner for ingest.ingest: ``fn(*job)`` as Spark tasks, a wave of one job per core at a
-    time (the driver holds one wave of chunks), results in job order."""
+    """Stage 1's runner for ingest.ingest: ``fn(*job)`` as Spark tasks, ``con.wave`` jobs at a time (one
+    per core, fewer when the driver's budget holds fewer chunks), results in job order."""
     sc = con.spark.sparkContext
 
     def run(fn, jobs) -> Iterator:
         jobs = iter(jobs)
-        while wave := list(itertools.islice(jobs, con.parallelism)):
+        while wave := list(itertools.islice(jobs, con.wave)):
             yield from sc.parallelize(wave, len(wave)).map(lambda job: fn(*job)).collect()
 
     return run

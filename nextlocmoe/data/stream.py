@@ -50,18 +50,21 @@ def prepare_stream(dataset: str, source: Path, tmp: Path, work: Path, opts: dict
     csv_spec, reference_poi, memory_gb, threads, and optionally engine ("duckdb", the default, or
     "spark": data/spark_engine.py, the same steps as Spark tasks) and spark_master."""
     t0 = time.perf_counter()
-    chunk_rows, duck_gb, threads = budget(opts["memory_gb"], opts["threads"])
+    chunk_rows, duck_gb, threads = budget(opts["memory_gb"], opts["threads"])  # shards: both engines
+    parse_rows = chunk_rows
     if opts.get("engine", "duckdb") == "spark":
         from nextlocmoe.data import spark_engine as eng
 
         con = eng.connect(work, opts["memory_gb"], opts.get("spark_master"))
-        threads = con.parallelism
+        parse_rows, _, threads = budget(opts["memory_gb"], con.parallelism)
+        fit = int(opts["memory_gb"] * 1e9 / BYTES_PER_CHUNK_ROW / parse_rows) - 2  # chunks the budget holds
+        con.wave = max(1, min(con.parallelism, fit))  # chunks the driver ships per wave of parse tasks
     else:
         eng = engine
         con = engine.connect(work, duck_gb, threads)
     t_start = time.perf_counter() - t0
     try:
-        ing = ingest(dataset, source, opts["csv_spec"], work / "parts", chunk_rows, threads, eng.runner(con))
+        ing = ingest(dataset, source, opts["csv_spec"], work / "parts", parse_rows, threads, eng.runner(con))
         timings = {"engine_start_s": t_start, "read_s": time.perf_counter() - t0 - t_start}
         ing, n_records, users, locs, recovery = _global_steps(eng, con, ing, dataset, source, work, opts)
         timings["engine_s"] = time.perf_counter() - t0 - t_start - timings["read_s"]
