@@ -20,7 +20,7 @@ METRIC_COLUMNS = ("hit@1", "hit@5", "hit@10", "hit@20", "ndcg@5", "ndcg@10", "mr
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
-    from nextlocmoe.data.prepare import DATASETS
+    from nextlocmoe.data.prepare import DATASETS, ENGINES
 
     p = sub.add_parser(
         "prepare",
@@ -47,6 +47,14 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         help="memory budget of the streaming prepare, whatever the row count (default 3; docs/DATA.md)",
     )  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help="cores for the prepare engine (default 0 = all)")
+    p.add_argument(
+        "--engine", choices=ENGINES, default="duckdb",
+        help="duckdb (one machine, default) or spark (the same store; docs/DATA.md for a cluster)",
+    )  # fmt: skip
+    p.add_argument(
+        "--spark-master", default=None,
+        help="--engine spark: master URL, e.g. local[2] (default: spark-submit's, else local[*])",
+    )  # fmt: skip
     g = p.add_argument_group("csv columns (--dataset csv)")
     for name, default in [
         ("user", "user"),
@@ -104,6 +112,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         args.reference_poi,
         memory_gb=args.memory_gb,
         threads=args.threads,
+        engine=args.engine,
+        spark_master=args.spark_master,
     )
     dropped = {k: v for k, v in m["dropped"].items() if v}
     print(

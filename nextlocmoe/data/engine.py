@@ -10,7 +10,7 @@ Every rule is the in-memory reference's (windows.build, the readers); the identi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,16 +103,25 @@ def time_expr(con, ing: Ingested, work: Path, batch_rows: int) -> tuple[str, str
         )
         con.execute(f"CREATE VIEW src_t AS SELECT *, {minutes} AS minutes FROM src")
         origin_min = _one(con, "SELECT floor(min(minutes) / CAST(1440 AS DOUBLE)) * 1440 FROM src_t")[0]
-        day = np.datetime64(int(origin_min), "m").astype("datetime64[D]")
-        clock = "UTC (unix seconds, offset-aware ISO converted; naive ISO taken as written)"
-        tz = spec.timezone
-        where = f"weekday/hour in {tz} (DST-aware)" if tz else "weekday/hour from that same clock"
-        origin = (
-            f"time column {spec.time_col!r} read as {ing.unit}; t_min = minutes since {day}T00:00 {clock}; "
-        )
         ing.columns.add("minutes")
-        return f"CAST(floor(minutes - CAST({origin_min!r} AS DOUBLE)) AS BIGINT)", origin + where
+        return f"CAST(floor(minutes - CAST({origin_min!r} AS DOUBLE)) AS BIGINT)", origin_text(
+            ing, origin_min
+        )
     return "t_min", _weekday_hour_times(con, ing, work, batch_rows)
+
+
+def origin_text(ing: Ingested, origin_min: float) -> str:
+    """The manifest's time_origin for CSV timestamps whose first day starts at ``origin_min`` (minutes
+    since 1970)."""
+    spec = ing.spec
+    day = np.datetime64(int(origin_min), "m").astype("datetime64[D]")
+    clock = "UTC (unix seconds, offset-aware ISO converted; naive ISO taken as written)"
+    tz = spec.timezone
+    where = f"weekday/hour in {tz} (DST-aware)" if tz else "weekday/hour from that same clock"
+    return (
+        f"time column {spec.time_col!r} read as {ing.unit}; t_min = minutes since {day}T00:00 {clock}; "
+        + where
+    )
 
 
 def _weekday_hour_times(con, ing: Ingested, work: Path, batch_rows: int) -> str:
@@ -122,7 +131,7 @@ def _weekday_hour_times(con, ing: Ingested, work: Path, batch_rows: int) -> str:
     cols = "row, user, weekday, hour" + (", ord" if has_order else "")
     w = PartWriter(work / "times")
     text = ""
-    for b in whole_user_batches(con.sql(f"SELECT {cols} FROM src ORDER BY user, row"), "user", batch_rows):
+    for b in whole_user_batches(_ordered(con, cols, batch_rows), "user", batch_rows):
         order = b["ord"].astype(str) if has_order else None
         t, text = _from_weekday_hour(b["user"], b["weekday"], b["hour"], order, numeric)
         w.write({"src_row": b["row"], "t_min": t})
@@ -131,24 +140,28 @@ def _weekday_hour_times(con, ing: Ingested, work: Path, batch_rows: int) -> str:
     return text
 
 
-def whole_user_batches(rel, key: str, min_rows: int) -> Iterator[dict[str, np.ndarray]]:
-    """Batches (column name -> [n] numpy) of a query sorted by ``key``, each holding whole groups of
-    ``key`` and at least ``min_rows`` rows (but the last)."""
-    reader = rel.to_arrow_reader(min_rows)
+def _ordered(con, cols: str, batch_rows: int):
+    return con.sql(f"SELECT {cols} FROM src ORDER BY user, row").to_arrow_reader(batch_rows)
+
+
+def whole_user_batches(reader: Iterable, key: str, min_rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """Batches (column name -> [n] numpy) of Arrow record batches sorted by ``key`` (a query's reader, or
+    Parquet files read in order): each the shortest run of whole groups of ``key`` with at least
+    ``min_rows`` rows (the last: what is left). The cuts depend on the rows only, not on how the reader
+    batches them, so every engine cuts the same shards."""
+    i = max(1, int(min_rows))
     carry: dict[str, np.ndarray] | None = None
     for rb in reader:
-        cols = {n: rb.column(i).to_numpy(zero_copy_only=False) for i, n in enumerate(rb.schema.names)}
-        if carry is not None:
-            cols = {n: np.concatenate([carry[n], cols[n]]) for n in cols}
-        k = cols[key]
-        if len(k) < min_rows:
-            carry = cols
-            continue
-        other = np.flatnonzero(k != k[-1])
-        cut = other[-1] + 1 if len(other) else 0
-        carry = {n: v[cut:] for n, v in cols.items()}
-        if cut:
-            yield {n: v[:cut] for n, v in cols.items()}
+        cols = {n: rb.column(j).to_numpy(zero_copy_only=False) for j, n in enumerate(rb.schema.names)}
+        carry = cols if carry is None else {n: np.concatenate([carry[n], cols[n]]) for n in cols}
+        while len(carry[key]) > i:
+            k = carry[key]
+            later = np.flatnonzero(k[i:] != k[i - 1 : -1])  # group starts at or after row i
+            if not len(later):
+                break
+            cut = i + int(later[0])
+            yield {n: v[:cut] for n, v in carry.items()}
+            carry = {n: v[cut:] for n, v in carry.items()}
     if carry is not None and len(carry[key]):
         yield carry
 
@@ -261,3 +274,18 @@ def users_and_locations(con, has_category: bool) -> tuple[np.ndarray, dict[str, 
 def sorted_records(con, columns: list[str]):
     """The kept records, sorted by (user, time, file order), as a DuckDB relation of ``columns``."""
     return con.sql(f"SELECT {', '.join(columns)} FROM f ORDER BY ucode, t_min, row")
+
+
+def record_count(con) -> int:
+    """The kept records (table f0)."""
+    return int(_one(con, "SELECT count(*) FROM f0")[0])
+
+
+def sorted_batches(con, columns: list[str], min_rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """The kept records sorted by (user, time, file order) in batches of whole users (whole_user_batches)."""
+    return whole_user_batches(sorted_records(con, columns).to_arrow_reader(min_rows), "ucode", min_rows)
+
+
+def runner(con):
+    """Stage 1's runner: None, the default worker processes (ingest.run_ordered)."""
+    return None

@@ -10,12 +10,13 @@ the time origin, the coordinate check) are left to the engine, which sees every 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import multiprocessing as mp
 import shutil
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +138,7 @@ def merge(ing: Ingested, r: PartResult) -> None:
         ing.source_sha256[r.name] = r.sha
 
 
+Runner = Callable[[Callable, Iterator[tuple]], Iterator]  # (fn, jobs) -> fn(*job) in job order
 POOL_MIN_ROWS = 200_000  # a first chunk smaller than this: the source is small, parse it inline
 
 
@@ -164,48 +166,78 @@ def run_ordered(fn, jobs: Iterator[tuple], workers: int) -> Iterator:
 
 
 def ingest(
-    dataset: str, source: Path, spec: CsvSpec | None, parts: Path, chunk_rows: int, workers: int = 1
+    dataset: str,
+    source: Path,
+    spec: CsvSpec | None,
+    parts: Path,
+    chunk_rows: int,
+    workers: int = 1,
+    runner: Runner | None = None,
 ) -> Ingested:
     """Read ``source`` of ``dataset`` in chunks of ``chunk_rows`` rows into Parquet parts under ``parts``:
-    with the fast CSV reader, and again with the exact one when a file is irregular (parsing.py)."""
+    with the fast CSV reader, and again with the exact one when a file is irregular (parsing.py). The
+    chunks are parsed by ``runner(fn, jobs)`` (results in job order): by default `run_ordered` in
+    ``workers`` processes; the Spark prepare passes Spark tasks (data/spark_engine.py)."""
+    run = runner or functools.partial(run_ordered, workers=workers)
     try:
-        return _ingest(dataset, source, spec, parts, chunk_rows, workers, exact=False)
+        return _ingest(dataset, source, spec, parts, chunk_rows, run, exact=False)
     except IrregularCsv as e:
         log.info("%s: irregular CSV (%s): reading it again with the exact reader", source, str(e)[:200])
         shutil.rmtree(parts, ignore_errors=True)
-        return _ingest(dataset, source, spec, parts, chunk_rows, workers, exact=True)
+        return _ingest(dataset, source, spec, parts, chunk_rows, run, exact=True)
 
 
 def _ingest(
-    dataset: str, source: Path, spec: CsvSpec | None, parts: Path, chunk_rows: int, workers: int, exact: bool
+    dataset: str, source: Path, spec: CsvSpec | None, parts: Path, chunk_rows: int, run: Runner, exact: bool
 ) -> Ingested:
     ing = Ingested(dataset, parts, exact=exact)
     w = PartWriter(parts)
     if dataset == "fsq-nyc":
-        _ingest_fsq(Path(source), w, chunk_rows, ing)
+        _ingest_fsq(Path(source), w, chunk_rows, run, ing)
     elif dataset in LLMMOB_FILES:
-        _ingest_llmmob(Path(source), w, chunk_rows, workers, ing)
+        _ingest_llmmob(Path(source), w, chunk_rows, run, ing)
     elif dataset == "csv":
-        _ingest_csv(Path(source), spec or CsvSpec(), w, chunk_rows, workers, ing)
+        _ingest_csv(Path(source), spec or CsvSpec(), w, chunk_rows, run, ing)
     else:
         raise DataError(f"unknown dataset {dataset!r}")
     return ing
 
 
-def _ingest_fsq(source: Path, w: PartWriter, chunk_rows: int, ing: Ingested) -> None:
+@dataclass
+class NpySlice:
+    """Rows start..start + n_rows of an fsq-nyc NYC.npy (read by the worker, memory-mapped)."""
+
+    path: Path
+    poi_path: Path
+    start: int
+    n_rows: int
+
+
+def _ingest_fsq(source: Path, w: PartWriter, chunk_rows: int, run: Runner, ing: Ingested) -> None:
     checkins_path, poi_path = _files_in(source, ["NYC.npy", "NYC_POI.npy"])
     arr = load_npy(checkins_path, 3, "iu", "int rows [user_id, venue_id, t_minutes]", mmap=True)
-    poi = fsq_poi(poi_path)
-    for s in range(0, max(len(arr), 1), chunk_rows):
-        chunk = np.asarray(arr[s : s + chunk_rows], dtype=np.int64)
-        w.write(fsq_chunk(chunk, s, poi, checkins_path.name, ing.acct))
-    ing.input_rows = len(arr)
+    n = len(arr)
+    jobs = ((NpySlice(checkins_path, poi_path, s, min(chunk_rows, n - s)), w.next_file())
+            for s in range(0, max(n, 1), chunk_rows))  # fmt: skip
+    for r in run(fsq_part, jobs):
+        merge(ing, r)
     ing.source_sha256 = {p.name: sha256_file(p) for p in (checkins_path, poi_path)}
     ing.time_origin = FSQ_TIME_ORIGIN
     ing.columns = {"user", "venue", "t_min", "lat", "lon", "weekday", "hour"}
 
 
-def _ingest_llmmob(source: Path, w: PartWriter, chunk_rows: int, workers: int, ing: Ingested) -> None:
+def fsq_part(s: NpySlice, file: Path) -> PartResult:
+    """Worker: rows of NYC.npy -> the kept rows as a part, numbered start + k (file order; the engine only
+    orders by the number)."""
+    arr = load_npy(s.path, 3, "iu", "int rows [user_id, venue_id, t_minutes]", mmap=True)
+    chunk = np.asarray(arr[s.start : s.start + s.n_rows], dtype=np.int64)
+    acct: tuple = (Counter(), {}, {})
+    cols = fsq_chunk(chunk, s.start, fsq_poi(s.poi_path), s.path.name, acct)
+    write_part(file, cols, s.start + np.arange(len(cols["t_min"])))
+    return PartResult(s.path.name, s.n_rows, "", acct, list(cols))
+
+
+def _ingest_llmmob(source: Path, w: PartWriter, chunk_rows: int, run: Runner, ing: Ingested) -> None:
     prefix, extra_cols = LLMMOB_FILES[ing.dataset]
     paths = _files_in(source, [f"{prefix}_{s}.csv" for s in SPLIT_CODES])
     required = ["user_id", "location_id", "start_day", "start_min", "weekday"] + extra_cols
@@ -216,7 +248,7 @@ def _ingest_llmmob(source: Path, w: PartWriter, chunk_rows: int, workers: int, i
                 yield c, ing.dataset, code, w.next_file(), w.rows
                 w.rows += c.n_rows
 
-    for r in run_ordered(llmmob_part, jobs(), workers):
+    for r in run(llmmob_part, jobs()):
         merge(ing, r)
     origin = "start_day 0, 00:00 of the LLM-Mob preprocessing (calendar date not published)"
     ing.time_origin = (
@@ -241,7 +273,7 @@ def llmmob_part(c: CsvColumns, dataset: str, code: int, file: Path, row0: int) -
 
 
 def _ingest_csv(
-    source: Path, spec: CsvSpec, w: PartWriter, chunk_rows: int, workers: int, ing: Ingested
+    source: Path, spec: CsvSpec, w: PartWriter, chunk_rows: int, run: Runner, ing: Ingested
 ) -> None:
     spec.check()
     path = _csv_path(source)
@@ -252,7 +284,7 @@ def _ingest_csv(
             yield c, spec, w.next_file(), w.rows
             w.rows += len(c.lines)
 
-    for r in run_ordered(csv_part, jobs(), workers):
+    for r in run(csv_part, jobs()):
         merge(ing, r)
     ing.coordinate_units = "degrees" if spec.lat_col else "none"
 

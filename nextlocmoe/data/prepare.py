@@ -19,6 +19,7 @@ from nextlocmoe.data.windows import build
 
 log = logging.getLogger(__name__)
 DATASETS = ("fsq-nyc", "llmmob-fsq-nyc", "llmmob-geolife", "csv")
+ENGINES = ("duckdb", "spark")
 FORMAT_VERSION = 1
 
 
@@ -66,6 +67,13 @@ def _check_inputs(
     return source, out
 
 
+def _check_engine(engine: str, spark_master: str | None) -> None:
+    if engine not in ENGINES:
+        raise DataError(f"unknown engine {engine!r}; expected one of {ENGINES}")
+    if spark_master is not None and engine != "spark":
+        raise DataError(f"--spark-master {spark_master} needs --engine spark")
+
+
 def prepare(
     dataset: str,
     source: str | Path,
@@ -78,14 +86,21 @@ def prepare(
     reference_poi: str | Path | None = None,
     memory_gb: float = 3.0,
     threads: int = 0,
+    engine: str = "duckdb",
+    spark_master: str | None = None,
 ) -> dict:
     """Prepare one data set into `out` (streaming: memory within ``memory_gb`` whatever the row count,
-    ``threads`` cores, 0 = all; data/stream.py); returns the manifest (also written to out/manifest.json)."""
+    ``threads`` cores, 0 = all; data/stream.py); returns the manifest (also written to out/manifest.json).
+    ``engine`` "spark": the same steps on Spark (data/spark_engine.py; ``spark_master`` e.g. local[2],
+    spark://host:7077, or None for the one spark-submit set) with the same store; the manifest then
+    names the engine."""
+    _check_engine(engine, spark_master)
     source, out = _check_inputs(dataset, source, out, history, current, min_history, duration_cap_min)
     t0 = time.perf_counter()
     opts = {"history": history, "current": current, "min_history": min_history}
     opts |= {"duration_cap_min": duration_cap_min, "csv_spec": csv_spec, "memory_gb": memory_gb}
     opts |= {"threads": threads, "reference_poi": None if reference_poi is None else Path(reference_poi)}
+    opts |= {"engine": engine, "spark_master": spark_master}
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.parent / f".{out.name}.work-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
@@ -98,6 +113,8 @@ def prepare(
         log.info("read %s: %d rows; %d records kept", dataset, ing.input_rows, res["records"])
         m = _manifest(ing, res, history, current, min_history, duration_cap_min, recovery)
         m["shards"] = res["shards"]
+        if "engine" in res:
+            m["engine"] = res["engine"]
         m["timings_s"] = timings
         return m
 

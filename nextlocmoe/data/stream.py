@@ -47,40 +47,36 @@ def recovery_fit(pairs: np.ndarray, reference_poi: Path | None) -> dict:
 def prepare_stream(dataset: str, source: Path, tmp: Path, work: Path, opts: dict) -> tuple:
     """Prepare into the empty folder ``tmp`` using scratch folder ``work``; returns (ingested, counts for
     the manifest, timings, recovery). ``opts``: history, current, min_history, duration_cap_min,
-    csv_spec, reference_poi, memory_gb, threads."""
+    csv_spec, reference_poi, memory_gb, threads, and optionally engine ("duckdb", the default, or
+    "spark": data/spark_engine.py, the same steps as Spark tasks) and spark_master."""
     t0 = time.perf_counter()
-    chunk_rows, duck_gb, threads = budget(opts["memory_gb"], opts["threads"])
-    ing = ingest(dataset, source, opts["csv_spec"], work / "parts", chunk_rows, threads)
-    timings = {"read_s": time.perf_counter() - t0}
-    con = engine.connect(work, duck_gb, threads)
+    chunk_rows, duck_gb, threads = budget(opts["memory_gb"], opts["threads"])  # shards: both engines
+    parse_rows = chunk_rows
+    if opts.get("engine", "duckdb") == "spark":
+        from nextlocmoe.data import spark_engine as eng
+
+        con = eng.connect(work, opts["memory_gb"], opts.get("spark_master"))
+        parse_rows, _, threads = budget(opts["memory_gb"], con.parallelism)
+        fit = int(opts["memory_gb"] * 1e9 / BYTES_PER_CHUNK_ROW / parse_rows) - 2  # chunks the budget holds
+        con.wave = max(1, min(con.parallelism, fit))  # chunks the driver ships per wave of parse tasks
+    else:
+        eng = engine
+        con = engine.connect(work, duck_gb, threads)
+    t_start = time.perf_counter() - t0
     try:
-        engine.check_rows(con, ing, source)
-        user, venue = engine.id_expr(con, "user"), engine.id_expr(con, "venue")
-        t_sql, ing.time_origin = engine.time_expr(con, ing, work, chunk_rows)
-        engine.create_records(con, ing, user, venue, t_sql)
-        need = opts["current"] + 1 + opts["min_history"]
-        n_dup = engine.check_users(con, need, source)
-        recovery = None
-        if dataset == "llmmob-fsq-nyc":
-            ref = opts["reference_poi"] or Path(source).parent / "fsq-nyc" / "NYC_POI.npy"
-            recovery = recovery_fit(engine.distinct_coordinates(con), ref)
-            if recovery.get("accepted"):
-                affine = (recovery["scale"], recovery["offset"])
-                engine.create_records(con, ing, user, venue, t_sql, affine)
-                ing.coordinate_units = "degrees"
-        ing.dropped["duplicate"] += n_dup
-        ing.dropped["user_too_short"] += engine.drop_and_number(con, need)
-        users, locs = engine.users_and_locations(con, "category" in ing.columns)
-        locs = location_table(locs, ing.coordinate_units)
-        n_records = engine._one(con, "SELECT count(*) FROM f0")[0]
-        timings["engine_s"] = time.perf_counter() - t0 - timings["read_s"]
+        ing = ingest(dataset, source, opts["csv_spec"], work / "parts", parse_rows, threads, eng.runner(con))
+        timings = {"engine_start_s": t_start, "read_s": time.perf_counter() - t0 - t_start}
+        ing, n_records, users, locs, recovery = _global_steps(eng, con, ing, dataset, source, work, opts)
+        timings["engine_s"] = time.perf_counter() - t0 - t_start - timings["read_s"]
         t1 = time.perf_counter()
         cols = ["ucode", "loc", "t_min", "lat", "lon"]
         cols += [c for c in ("weekday", "hour", "dur", "split", "minutes") if c in ing.columns]
-        batches = engine.whole_user_batches(engine.sorted_records(con, cols), "ucode", chunk_rows)
         window = (opts["current"], opts["min_history"], opts["duration_cap_min"])
         tz = opts["csv_spec"].timezone if opts["csv_spec"] is not None else None
+        batches = eng.sorted_batches(con, cols, chunk_rows)
         res = write_records(batches, n_records, locs, tmp, window, tz)
+        if eng is not engine:
+            res["engine"] = eng.describe(con)
     finally:
         con.close()
     np.savez(tmp / "locations.npz", **(locs | {"id": compact_str(locs["id"])}))
@@ -95,6 +91,31 @@ def prepare_stream(dataset: str, source: Path, tmp: Path, work: Path, opts: dict
         has_xy=bool(np.isfinite(locs["x"]).any()),
     )
     return ing, res, timings, recovery
+
+
+def _global_steps(eng, con, ing, dataset: str, source: Path, work: Path, opts: dict) -> tuple:
+    """Stage 2 on engine module ``eng`` (engine.py or spark_engine.py, one set of function names): the
+    file-wide checks, ids and times, duplicates and short users, recovery, dense codes, location table.
+    Returns (ingested, kept records, user ids [U], location table, recovery or None)."""
+    chunk_rows = budget(opts["memory_gb"], opts["threads"])[0]
+    eng.check_rows(con, ing, source)
+    user, venue = eng.id_expr(con, "user"), eng.id_expr(con, "venue")
+    t_sql, ing.time_origin = eng.time_expr(con, ing, work, chunk_rows)
+    eng.create_records(con, ing, user, venue, t_sql)
+    need = opts["current"] + 1 + opts["min_history"]
+    n_dup = eng.check_users(con, need, source)
+    recovery = None
+    if dataset == "llmmob-fsq-nyc":
+        ref = opts["reference_poi"] or Path(source).parent / "fsq-nyc" / "NYC_POI.npy"
+        recovery = recovery_fit(eng.distinct_coordinates(con), ref)
+        if recovery.get("accepted"):
+            affine = (recovery["scale"], recovery["offset"])
+            eng.create_records(con, ing, user, venue, t_sql, affine)
+            ing.coordinate_units = "degrees"
+    ing.dropped["duplicate"] += n_dup
+    ing.dropped["user_too_short"] += eng.drop_and_number(con, need)
+    users, locs = eng.users_and_locations(con, "category" in ing.columns)
+    return ing, eng.record_count(con), users, location_table(locs, ing.coordinate_units), recovery
 
 
 def location_table(locs: dict[str, np.ndarray], units: str) -> dict[str, np.ndarray]:

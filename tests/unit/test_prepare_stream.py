@@ -154,14 +154,20 @@ def test_irregular_csv_same_accounting(tmp_path: Path, small_chunks, monkeypatch
     assert "unix milliseconds" in m["time_origin"]
 
 
-def test_weekday_hour_order_and_int_ids_across_chunks(tmp_path: Path, small_chunks, monkeypatch) -> None:
-    monkeypatch.setattr(stream, "budget", lambda gb, threads: (25, 0.5, 2))
+def _weekday_csv(path: Path) -> Path:
+    """Weekday/hour CSV with an order column, ids '007'/'1'/'2' (integers), empty categories."""
     days = ["Monday", "tue", "3", "Thursday", "fri", "Saturday", "sun"]
     lines = ["tid,label,day,hour,poi,lat,lon,category"]
     for i in range(200):
         lines.append(f"{i // 9},{'007' if i % 3 == 0 else i % 3},{days[i % 7]},{(i * 5) % 24},{i % 13},"
                      f"{40.7 + (i % 13) / 100},-73.95,{'' if i % 4 == 0 else 'c' + str(i % 2)}")  # fmt: skip
-    (tmp_path / "w.csv").write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_weekday_hour_order_and_int_ids_across_chunks(tmp_path: Path, small_chunks, monkeypatch) -> None:
+    monkeypatch.setattr(stream, "budget", lambda gb, threads: (25, 0.5, 2))
+    _weekday_csv(tmp_path / "w.csv")
     m = prepare("csv", tmp_path / "w.csv", tmp_path / "s", 6, 3, csv_spec=CATEGORIES)
     prepare_in_memory("csv", tmp_path / "w.csv", tmp_path / "m", 6, 3, csv_spec=CATEGORIES)
     assert_same_store(tmp_path / "s", tmp_path / "m")
@@ -180,3 +186,10 @@ def test_errors_match_the_reference(tmp_path: Path) -> None:
         msgs.append(str(e.value))
     assert msgs[0] == msgs[1]
     assert not list(tmp_path.glob(".*")), "no scratch or partial folders left behind"
+
+
+def test_spark_master_needs_the_spark_engine(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="--spark-master local.2. needs --engine spark"):
+        prepare("fsq-nyc", tmp_path, tmp_path / "o", spark_master="local[2]")
+    with pytest.raises(DataError, match="unknown engine 'ray'"):
+        prepare("fsq-nyc", tmp_path, tmp_path / "o", engine="ray")
