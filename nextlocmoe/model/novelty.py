@@ -90,11 +90,19 @@ def city_counts(records: dict[str, np.ndarray], n_loc: int, top_k: int) -> CityC
     return CityCounts(visits_L, visits_LT, ids, cnts)
 
 
-def _log_dist(xy_B2: torch.Tensor, xy_L2: torch.Tensor, metres_per_unit: float) -> torch.Tensor:
-    """log(1 + metres / 100) / 5 between points [B, 2] and places [L, 2] -> [B, L]."""
-    diff = xy_B2.float().unsqueeze(1) - xy_L2.unsqueeze(0)
+def _log_dist(xy_B2: torch.Tensor, xy: torch.Tensor, metres_per_unit: float) -> torch.Tensor:
+    """log(1 + metres / 100) / 5 between points [B, 2] and places: [L, 2] (every place) or [B, C, 2] (each
+    row's candidates) -> [B, L] or [B, C]."""
+    diff = xy_B2.float().unsqueeze(1) - (xy.unsqueeze(0) if xy.dim() == 2 else xy)
     d = torch.sqrt((diff * diff).sum(-1) + 1e-12) * metres_per_unit
     return torch.log1p(d / 100.0) / 5.0
+
+
+def _per_row(table_L: torch.Tensor, cand_BC: torch.Tensor | None, B: int) -> torch.Tensor:
+    """A per-place table [L, ...] at every place [B, L, ...] (cand None) or at the candidates [B, C, ...]."""
+    if cand_BC is None:
+        return table_L.unsqueeze(0).expand(B, *table_L.shape)
+    return table_L[cand_BC.clamp_min(0)]
 
 
 def visited_mask(ptr_loc_BP: torch.Tensor, n_loc: int) -> torch.Tensor:
@@ -102,6 +110,13 @@ def visited_mask(ptr_loc_BP: torch.Tensor, n_loc: int) -> torch.Tensor:
     valid = (ptr_loc_BP >= 0).float()
     hits = torch.zeros(ptr_loc_BP.shape[0], n_loc, dtype=torch.float32, device=ptr_loc_BP.device)
     return (hits.scatter_add(1, ptr_loc_BP.clamp_min(0), valid) > 0).float()
+
+
+def visited_in(ptr_loc_BP: torch.Tensor, cand_BC: torch.Tensor) -> torch.Tensor:
+    """[B, C] float: 1 where candidate c occurs among the valid pointer slots ([B, C, P] comparison: for a
+    retrieved candidate set; ``visited_mask`` is the all-places form)."""
+    hit = (cand_BC.unsqueeze(2) == ptr_loc_BP.unsqueeze(1)) & (ptr_loc_BP >= 0).unsqueeze(1)
+    return (hit.any(-1) & (cand_BC >= 0)).float()
 
 
 def first_visits(ptr_loc_BP: torch.Tensor) -> torch.Tensor:
@@ -156,21 +171,36 @@ class NoveltyScorer(nn.Module):
         with torch.no_grad():  # start from gravity (explore_nearby's score + successors), not from zero
             self.a0[0], self.a0[4], self.a0[7] = -10.0, 5.0, 4.0
 
-    def counts_BL(self, batch: dict[str, torch.Tensor], target_B: torch.Tensor | None) -> list[torch.Tensor]:
+    def counts_BL(
+        self,
+        batch: dict[str, torch.Tensor],
+        target_B: torch.Tensor | None,
+        cand_BC: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
         """log1p of the visit count, the count in the query's time bin and the transition count from the
-        current place, each [B, L]; leave-one-out for ``target_B`` (the sample's own target record)."""
-        B, L = batch["ptr_loc"].shape[0], self.visits_L.shape[0]
+        current place, each [B, L] (every place) or [B, C] (at ``cand_BC``; padding -1 reads place 0, the
+        caller masks it); leave-one-out for ``target_B`` (the sample's own target record)."""
+        B = batch["ptr_loc"].shape[0]
         if self.query_time:
             tb = time_bin(batch["query_hour"].long(), batch["query_weekday"].long())
         else:
             tb = time_bin(batch["cur_hour"][:, -1].long(), batch["cur_weekday"][:, -1].long())
-        visits = self.visits_L.unsqueeze(0).expand(B, L)
-        in_bin = self.visits_LT.t()[tb.clamp(0, N_TIME_BINS - 1)]  # [B, L]
+        tb = tb.clamp(0, N_TIME_BINS - 1)
+        visits = _per_row(self.visits_L, cand_BC, B)
         cur = batch["cur_loc"][:, -1].clamp_min(0)
-        trans = torch.zeros(B, L, dtype=torch.float32, device=visits.device)
-        trans = trans.scatter_add(1, self.succ_ids_LK[cur], self.succ_cnt_LK[cur])
+        ids_BK, cnt_BK = self.succ_ids_LK[cur], self.succ_cnt_LK[cur]
+        if cand_BC is None:
+            in_bin = self.visits_LT.t()[tb]  # [B, L]
+            trans = torch.zeros_like(visits).scatter_add(1, ids_BK, cnt_BK)
+        else:
+            in_bin = self.visits_LT[cand_BC.clamp_min(0), tb.unsqueeze(1)]  # [B, C]
+            match = cand_BC.unsqueeze(2) == ids_BK.unsqueeze(1)  # [B, C, K]: ids are distinct per row
+            trans = (match.float() * cnt_BK.unsqueeze(1)).sum(-1)
         if target_B is not None:  # leave one out: the target record is one train visit and one transition
-            own = F.one_hot(target_B.long(), L).float()
+            if cand_BC is None:
+                own = F.one_hot(target_B.long(), visits.shape[1]).float()
+            else:
+                own = (cand_BC == target_B.long().unsqueeze(1)).float()
             t_bin = time_bin(batch["query_hour"].long(), batch["query_weekday"].long())
             visits = (visits - own).clamp_min(0)
             in_bin = (in_bin - own * (t_bin == tb).float().unsqueeze(1)).clamp_min(0)
@@ -179,21 +209,22 @@ class NoveltyScorer(nn.Module):
 
     def features(
         self, batch: dict[str, torch.Tensor], loc_xy_L2: torch.Tensor, pred_xy_B2: torch.Tensor,
-        target_B: torch.Tensor | None,
+        target_B: torch.Tensor | None, cand_BC: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        """Candidate features f [B, L, F] (module docstring); no location id enters except through the
-        counts' equality lookups."""
+        """Candidate features f [B, L, F] (every place) or [B, C, F] (at ``cand_BC``) (module docstring); no
+        location id enters except through the counts' equality lookups."""
         m = self.metres_per_unit
-        d_cur = _log_dist(batch["cur_xy"][:, -1], loc_xy_L2, m)
+        xy = loc_xy_L2 if cand_BC is None else loc_xy_L2[cand_BC.clamp_min(0)]  # [L, 2] or [B, C, 2]
+        d_cur = _log_dist(batch["cur_xy"][:, -1], xy, m)
         C = batch["cur_xy"].shape[1]
-        d_win = torch.stack([_log_dist(batch["cur_xy"][:, c], loc_xy_L2, m) for c in range(C)], -1).amin(-1)
-        d_pred = _log_dist(pred_xy_B2, loc_xy_L2, m)
+        d_win = torch.stack([_log_dist(batch["cur_xy"][:, c], xy, m) for c in range(C)], -1).amin(-1)
+        d_pred = _log_dist(pred_xy_B2, xy, m)
         valid = (batch["ptr_loc"] >= 0).float().unsqueeze(-1)
         n = valid.sum(1).clamp_min(1.0)
         centre = torch.where(valid.sum(1) > 0, (batch["ptr_xy"].float() * valid).sum(1) / n,
                              batch["cur_xy"][:, -1].float())  # fmt: skip
-        d_centre = _log_dist(centre, loc_xy_L2, m)
-        visits, in_bin, trans = self.counts_BL(batch, target_B)
+        d_centre = _log_dist(centre, xy, m)
+        visits, in_bin, trans = self.counts_BL(batch, target_B, cand_BC)
         feats = [
             d_cur,
             d_win,
@@ -215,10 +246,13 @@ class NoveltyScorer(nn.Module):
         loc_xy_L2: torch.Tensor,
         pred_xy_B2: torch.Tensor,
         target_B: torch.Tensor | None = None,
+        cand_BC: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (id-free scores s [B, L], fp32; visited places are NOT masked here, exploration gate
-        statistics [B, S] without the novelty evidence: ``gate_stats`` adds it)."""
-        f_BLF = self.features(batch, loc_xy_L2, pred_xy_B2, target_B)
+        """-> (id-free scores s, fp32: [B, L] over every place when ``cand_BC`` is None, else [B, C] for the
+        candidate ids ``cand_BC`` (LongTensor [B, C], -1 = padding, scored NEG); visited places are NOT
+        masked here; exploration gate statistics [B, S] without the novelty evidence: ``gate_stats`` adds
+        it)."""
+        f_BLF = self.features(batch, loc_xy_L2, pred_xy_B2, target_B, cand_BC)
         a_BF = param32(self.a0) + pi_BE.float() @ param32(self.a_persona)
         a_BF = a_BF + om_BF.float() @ param32(self.a_function)
         s_BL = (f_BLF * a_BF.unsqueeze(1)).sum(-1)
@@ -227,6 +261,8 @@ class NoveltyScorer(nn.Module):
             v_BH = param32(self.v0) + pi_BE.float() @ param32(self.v_persona)
             v_BH = v_BH + om_BF.float() @ param32(self.v_function)
             s_BL = s_BL + (z_BLH * v_BH.unsqueeze(1)).sum(-1)
+        if cand_BC is not None:
+            s_BL = torch.where(cand_BC >= 0, s_BL, torch.full_like(s_BL, NEG))
         new_BP = first_visits(batch["ptr_loc"])
         P = new_BP.shape[1]
         tail = (batch["ptr_loc"][:, -min(RATE_WINDOW, P) :] >= 0).float()

@@ -18,6 +18,7 @@ from nextlocmoe.model.novelty import (
     city_counts,
     first_visits,
     time_bin,
+    visited_in,
     visited_mask,
 )
 from nextlocmoe.model.pointer import PointerScoredHead
@@ -122,6 +123,33 @@ def test_training_counts_are_leave_one_out_and_evaluation_ignores_the_target() -
         a = head(h, b["cur_xy"][:, -1], b, pi, om)
         c = head(h, b["cur_xy"][:, -1], other_target, pi, om)
     assert torch.equal(a, c)  # evaluation never reads the target
+
+
+@pytest.mark.parametrize("loo", [False, True])
+def test_candidate_scores_are_the_all_places_scores_at_the_candidates(loo: bool) -> None:
+    """``cand_BC`` (a retrieved set, -1 padding) gives exactly the [B, L] scores gathered at the candidates,
+    with and without the leave-one-out target; padding scores NEG; the visited test agrees with the mask."""
+    from nextlocmoe.model.novelty import NEG
+
+    head = _head(city_counts(_records(), L, 5))
+    b = _routine_batch(6, 5, L=L, P=P)
+    pi, om = _uniform_routing(6)
+    h = torch.randn(6, D)
+    g = torch.Generator().manual_seed(0)
+    cand = torch.stack([torch.randperm(L, generator=g)[:12] for _ in range(6)])
+    cand[:, 0] = b["target_loc"]  # the target among the candidates: its leave-one-out must apply there too
+    cand[0, -3:] = -1
+    target = b["target_loc"] if loo else None
+    with torch.no_grad():
+        s_all, st_all = head.novel(h, b, pi, om, head.loc_xy_L2, b["cur_xy"][:, -1], target)
+        s_c, st_c = head.novel(h, b, pi, om, head.loc_xy_L2, b["cur_xy"][:, -1], target, cand_BC=cand)
+    pad = cand < 0
+    assert s_c.shape == (6, 12) and torch.equal(st_all, st_c)
+    assert torch.allclose(s_c[~pad], s_all.gather(1, cand.clamp_min(0))[~pad], atol=1e-5)
+    assert torch.all(s_c[pad] == NEG)
+    vis = visited_in(b["ptr_loc"], cand)
+    assert torch.equal(vis[~pad], visited_mask(b["ptr_loc"], L).gather(1, cand.clamp_min(0))[~pad])
+    assert torch.all(vis[pad] == 0)
 
 
 def test_novelty_scores_are_id_free() -> None:
