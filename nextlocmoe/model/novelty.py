@@ -19,16 +19,24 @@ log count of the train-split transition current place -> l (top ``novelty_transi
 place). The persona routing weights pi and the function routing weights omega choose the scoring vector, as
 in the copy slots: the routers decide where a person like this goes when it goes somewhere new.
 
+With ``novelty_covisit`` = Kc > 0 two more features (F = 10): log train users of l and its co-visitation
+with the window's places (``NoveltyScorer.covis_BL``: the Kc places sharing the most train users with l).
+
+``cand_BC`` (every scoring method): score only a candidate set [B, C] of place ids (-1 padding, score NEG),
+e.g. a retrieved set, with per-candidate gathers instead of [B, L] maps; None = every place.
+
 Counts are over the whole train split (``city_counts``). On a training batch (module in training mode, the
 target given) each count is leave-one-out: the sample's own target record (and its transition from the
-current place) is subtracted, so no training score sees its own target; evaluation never reads the target.
+current place) is subtracted and the sample's user is taken out of the target's co-visitation, so no
+training score sees its own target; evaluation never reads the target.
 
 Gate features added here (``gate_stats``, S = 4): the share of first visits among the window's last 64
 records (how much this user explores), whether the last two input records were first visits, and the
 log-sum-exp of the novelty scores.
 
-Shape legend: B batch, L known locations, P pointer slots, C current records, F candidate features,
-Hd hidden width, E persona experts, Es function experts, T time bins, K kept successors, S gate stats.
+Shape legend: B batch, L known locations, P pointer slots, C current records (or candidates, with
+``cand_BC``), F candidate features, Hd hidden width, E persona experts, Es function experts, T time bins,
+K kept successors (or co-visited places), S gate stats.
 """
 
 from __future__ import annotations
