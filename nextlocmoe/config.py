@@ -162,6 +162,9 @@ class HeadsConfig:
     novelty: bool = False
     novelty_hidden: int = 16  # per-candidate MLP width; 0 = the routed linear score only (cheaper)
     novelty_transitions: int = 32
+    # co-visitation (model/novelty.py covis_BL): the places sharing the most train-split users with each
+    # place, kept per place; 0 = off. Candidates co-visited with the window's places score higher.
+    novelty_covisit: int = 0
 
     def __post_init__(self) -> None:
         _check(self.ranking in ("point", "scored", "codes"), "model.heads.ranking must be point|scored|codes")
@@ -172,6 +175,7 @@ class HeadsConfig:
         _check(not self.novelty or self.pointer, "model.heads.novelty=true needs heads.pointer=true")
         _check(self.novelty_hidden >= 0, "model.heads.novelty_hidden must be >= 0")
         _check(self.novelty_transitions >= 1, "model.heads.novelty_transitions must be >= 1")
+        _check(self.novelty_covisit >= 0, "model.heads.novelty_covisit must be >= 0")
 
 
 @dataclass

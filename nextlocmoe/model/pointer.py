@@ -106,7 +106,7 @@ class PointerScoredHead(nn.Module):
         novelty: dict | None = None,
     ) -> None:
         """``novelty``: None (the generator over every place) or the exploration head's settings
-        {"hidden": int, "top_k": int, "counts": CityCounts | None} (model/novelty.py)."""
+        {"hidden": int, "top_k": int, "counts": CityCounts | None, "covisit_k": int} (model/novelty.py)."""
         super().__init__()
         self.register_buffer("loc_xy_L2", loc_xy_L2.float().clone(), persistent=True)
         self.metres_per_unit, self.query_time = float(metres_per_unit), bool(query_time)
@@ -128,7 +128,7 @@ class PointerScoredHead(nn.Module):
             counts: CityCounts | None = novelty.get("counts")
             self.novel = NoveltyScorer(
                 d_model, int(novelty["hidden"]), num_personas, num_functions, L, metres_per_unit,
-                query_time, int(novelty["top_k"]), counts,
+                query_time, int(novelty["top_k"]), counts, int(novelty.get("covisit_k", 0)),
             )  # fmt: skip
         self.gate_out = nn.Linear(hidden + 2 + (N_GATE_STATS if novelty is not None else 0), 1)
         with torch.no_grad():  # start from "copy with recency + transitions" rather than from zero
