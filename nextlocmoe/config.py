@@ -162,6 +162,9 @@ class HeadsConfig:
     novelty: bool = False
     novelty_hidden: int = 16  # per-candidate MLP width; 0 = the routed linear score only (cheaper)
     novelty_transitions: int = 32
+    # co-visitation (model/novelty.py covis_BL): the places sharing the most train-split users with each
+    # place, kept per place; 0 = off. Candidates co-visited with the window's places score higher.
+    novelty_covisit: int = 0
     # Candidate retrieval, then scoring (issue 20, docs/SCALE.md, model/candidates.py): the pointer head
     # scores each sample's pointer window + `retrieval_near` places nearest the current one + its
     # `retrieval_successors` most frequent train-split successors + the `retrieval_popular` most visited
@@ -182,6 +185,7 @@ class HeadsConfig:
         _check(not self.novelty or self.pointer, "model.heads.novelty=true needs heads.pointer=true")
         _check(self.novelty_hidden >= 0, "model.heads.novelty_hidden must be >= 0")
         _check(self.novelty_transitions >= 1, "model.heads.novelty_transitions must be >= 1")
+        _check(self.novelty_covisit >= 0, "model.heads.novelty_covisit must be >= 0")
         _check(not self.retrieval or self.pointer, "model.heads.retrieval=true needs heads.pointer=true")
         _check(not (self.retrieval and self.novelty), "model.heads.retrieval and heads.novelty: choose one")
         _check(self.retrieval_near >= 1, "model.heads.retrieval_near must be >= 1")

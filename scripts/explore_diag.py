@@ -1,8 +1,9 @@
 """Diagnose exploration (issue 23, docs/MODEL_QUALITY.md "Exploration") on evenly spaced test samples.
 
   python scripts/explore_diag.py head RUN [--n 3000]     a run with model.heads.novelty=true: the gate's
-      repeat/novel separation (ROC AUC), p_new alone on the novel targets (unvisited places only), and the
-      trade-off of shifting the gate's logit (overall and novel Hit@10)
+      repeat/novel separation (ROC AUC), p_new alone on the novel targets (unvisited places only), the
+      trade-off of a ranking-level mix (the last r of the 10 slots reserved for p_new's best unvisited
+      places when the gate is below theta) and of shifting the gate's logit (overall and novel Hit@10)
   python scripts/explore_diag.py probe DATA [--n 4000]  hand-made scores of the places not in the pointer
       window for the novel targets of a prepared store (numpy; Hit@10 per score)
 
@@ -84,6 +85,7 @@ def diag_head(run: str, n: int) -> None:
     rk = (pnu > pnu[r, t].unsqueeze(1)).sum(1)[novel]
     hit = {k: (rk < k).float().mean().item() for k in (1, 10, 20)}
     print(f"p_new alone, novel targets: Hit@1 {hit[1]:.4f} Hit@10 {hit[10]:.4f} Hit@20 {hit[20]:.4f}")
+    reserved_slots(g, pc, pn, vis, t, novel)
     for d in (0, 1, 2, 3, 4):
         gg = torch.sigmoid(torch.logit(g.clamp(1e-6, 1 - 1e-6)) - d) * (g > 0)
         p = gg[:, None] * pc + (1 - gg[:, None]) * pn
@@ -91,6 +93,24 @@ def diag_head(run: str, n: int) -> None:
         h1, h10 = (rk < 1).float().mean().item(), (rk < 10).float().mean().item()
         print(f"gate logit -{d}: overall Hit@1 {h1:.4f} Hit@10 {h10:.4f} | "
               f"novel Hit@10 {(rk[novel] < 10).float().mean():.4f}")  # fmt: skip
+
+
+def reserved_slots(g, pc, pn, vis, t, novel) -> None:
+    """A ranking-level mix: when the gate says "explore" (g < theta) the last r of the 10 slots go to p_new's
+    best unvisited places not already listed; Hit@1 is unchanged (slot 1 is the mixture's), so the trade
+    is repeat Hit@10 for novel Hit@10. Prints overall and novel Hit@10 per (theta, r)."""
+    p = g[:, None] * pc + (1 - g[:, None]) * pn
+    top = p.topk(10, dim=1).indices
+    pnu = torch.where(vis > 0, torch.full_like(pn, -1.0), pn)
+    for theta in (0.5, 0.7, 0.9, 1.01):
+        for r in (1, 2, 3, 5):
+            head = top[:, : 10 - r]
+            rest = pnu.scatter(1, head, -2.0).topk(r, dim=1).indices
+            explore = (g < theta)[:, None]
+            lst = torch.where(explore, torch.cat([head, rest], 1), top)
+            hit = (lst == t[:, None]).any(1).float()
+            print(f"reserve {r} slots when g < {theta:.2f} ({explore.float().mean():.2f} of samples): "
+                  f"overall Hit@10 {hit.mean():.4f}, novel Hit@10 {hit[novel].mean():.4f}")  # fmt: skip
 
 
 def probe_tables(data: str) -> dict:

@@ -156,6 +156,7 @@ def load_model_state(
 LOCATION_KEYS = (
     "scored.loc_emb.weight", "scored.loc_bias.weight", "scored.loc_xy_L2", "scored.novel.visits_L",
     "scored.novel.visits_LT", "scored.novel.succ_ids_LK", "scored.novel.succ_cnt_LK",
+    "scored.novel.covis_ids_LK", "scored.novel.covis_cnt_LK", "scored.novel.users_L",
 )  # fmt: skip
 
 

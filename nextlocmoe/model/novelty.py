@@ -19,16 +19,24 @@ log count of the train-split transition current place -> l (top ``novelty_transi
 place). The persona routing weights pi and the function routing weights omega choose the scoring vector, as
 in the copy slots: the routers decide where a person like this goes when it goes somewhere new.
 
+With ``novelty_covisit`` = Kc > 0 two more features (F = 10): log train users of l and its co-visitation
+with the window's places (``NoveltyScorer.covis_BL``: the Kc places sharing the most train users with l).
+
+``cand_BC`` (every scoring method): score only a candidate set [B, C] of place ids (-1 padding, score NEG),
+e.g. a retrieved set, with per-candidate gathers instead of [B, L] maps; None = every place.
+
 Counts are over the whole train split (``city_counts``). On a training batch (module in training mode, the
 target given) each count is leave-one-out: the sample's own target record (and its transition from the
-current place) is subtracted, so no training score sees its own target; evaluation never reads the target.
+current place) is subtracted and the sample's user is taken out of the target's co-visitation, so no
+training score sees its own target; evaluation never reads the target.
 
 Gate features added here (``gate_stats``, S = 4): the share of first visits among the window's last 64
 records (how much this user explores), whether the last two input records were first visits, and the
 log-sum-exp of the novelty scores.
 
-Shape legend: B batch, L known locations, P pointer slots, C current records, F candidate features,
-Hd hidden width, E persona experts, Es function experts, T time bins, K kept successors, S gate stats.
+Shape legend: B batch, L known locations, P pointer slots, C current records (or candidates, with
+``cand_BC``), F candidate features, Hd hidden width, E persona experts, Es function experts, T time bins,
+K kept successors (or co-visited places), S gate stats.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from torch import nn
 from nextlocmoe.model.precision import linear32, param32
 
 N_CAND_FEATURES = 8
+N_COVIS_FEATURES = 2  # with ``novelty_covisit``: users per place, co-visitation with the window
 N_GATE_STATS = 4
 N_TIME_BINS = 16  # 8 three-hour bins x (weekday, weekend)
 RATE_WINDOW = 64  # last slots over which the user's first-visit share is measured
@@ -57,6 +66,11 @@ class CityCounts:
     visits_LT: np.ndarray  # [L, T] records per place and time bin
     succ_ids_LK: np.ndarray  # [L, K] the K most frequent successors of each place (padding: id 0, count 0)
     succ_cnt_LK: np.ndarray  # [L, K] their transition counts
+    # co-visitation (``novelty_covisit`` = Kc > 0, else None): the Kc places sharing the most train-split
+    # users with each place, how many users they share, and each place's number of distinct train users
+    covis_ids_LK: np.ndarray | None = None  # [L, Kc] (padding: id 0, count 0)
+    covis_cnt_LK: np.ndarray | None = None  # [L, Kc]
+    users_L: np.ndarray | None = None  # [L]
 
 
 def time_bin(hour: torch.Tensor | np.ndarray, weekday: torch.Tensor | np.ndarray):
@@ -64,10 +78,41 @@ def time_bin(hour: torch.Tensor | np.ndarray, weekday: torch.Tensor | np.ndarray
     return hour // 3 + 8 * (weekday >= 5)
 
 
-def city_counts(records: dict[str, np.ndarray], n_loc: int, top_k: int) -> CityCounts:
+def _top_per_row(src: np.ndarray, dst: np.ndarray, cnt: np.ndarray, n_loc: int, k: int):
+    """The ``k`` largest ``cnt`` of each source row, dense [n_loc, k] (ids, counts); padding id 0, count 0."""
+    order = np.lexsort((dst, -cnt, src))  # by source, most frequent first (ties: smaller id)
+    src, dst, cnt = src[order], dst[order], cnt[order]
+    rank = np.arange(len(src)) - np.searchsorted(src, src, side="left")
+    keep = rank < k
+    ids = np.zeros((n_loc, k), np.int64)
+    cnts = np.zeros((n_loc, k), np.float32)
+    ids[src[keep], rank[keep]] = dst[keep]
+    cnts[src[keep], rank[keep]] = cnt[keep]
+    return ids, cnts
+
+
+def covisitation(user: np.ndarray, loc: np.ndarray, n_loc: int, k: int) -> tuple[np.ndarray, ...]:
+    """(ids [L, k], shared users [L, k], users per place [L]) from train records (user, loc): C = U^T U of
+    the binary user x place matrix (scipy sparse: no [L, L] dense table), diagonal = users per place."""
+    import scipy.sparse as sp
+
+    n_user = int(user.max()) + 1 if len(user) else 1
+    U = sp.csr_matrix((np.ones(len(loc), np.float32), (user, loc)), shape=(n_user, n_loc))
+    U.data[:] = 1.0  # duplicates summed by the constructor: one user counts once per place
+    C = (U.T @ U).tocoo()
+    users_L = np.zeros(n_loc, np.float32)
+    diag = C.row == C.col
+    users_L[C.row[diag]] = C.data[diag]
+    off = ~diag
+    ids, cnts = _top_per_row(C.row[off].astype(np.int64), C.col[off].astype(np.int64), C.data[off], n_loc, k)
+    return ids, cnts, users_L
+
+
+def city_counts(records: dict[str, np.ndarray], n_loc: int, top_k: int, covisit_k: int = 0) -> CityCounts:
     """Visit, time-bin and transition counts over the TRAIN split (``split == 0``) of ``records``
     (columns loc, user, hour, weekday, split). A transition i -> i+1 counts when both records belong to
-    the same user and record i+1 is a train record (as the ``markov`` baseline)."""
+    the same user and record i+1 is a train record (as the ``markov`` baseline). ``covisit_k`` > 0 adds the
+    co-visitation lists (``covisitation``) of the train split."""
     loc = records["loc"].astype(np.int64)
     user, train = records["user"], records["split"] == 0
     visits_L = np.bincount(loc[train], minlength=n_loc).astype(np.float32)
@@ -77,24 +122,27 @@ def city_counts(records: dict[str, np.ndarray], n_loc: int, top_k: int) -> CityC
     step = np.flatnonzero((user[1:] == user[:-1]) & train[1:])
     pair = loc[step] * n_loc + loc[step + 1]
     keys, cnt = np.unique(pair, return_counts=True)
-    src, dst = keys // n_loc, keys % n_loc
-    order = np.lexsort((-cnt, src))  # by source, most frequent first
-    src, dst, cnt = src[order], dst[order], cnt[order]
-    first = np.searchsorted(src, src, side="left")
-    rank = np.arange(len(src)) - first
-    keep = rank < top_k
-    ids = np.zeros((n_loc, top_k), np.int64)
-    cnts = np.zeros((n_loc, top_k), np.float32)
-    ids[src[keep], rank[keep]] = dst[keep]
-    cnts[src[keep], rank[keep]] = cnt[keep]
-    return CityCounts(visits_L, visits_LT, ids, cnts)
+    ids, cnts = _top_per_row(keys // n_loc, keys % n_loc, cnt, n_loc, top_k)
+    out = CityCounts(visits_L, visits_LT, ids, cnts)
+    if covisit_k > 0:
+        uid = np.asarray(user)[train].astype(np.int64)
+        out.covis_ids_LK, out.covis_cnt_LK, out.users_L = covisitation(uid, loc[train], n_loc, covisit_k)
+    return out
 
 
-def _log_dist(xy_B2: torch.Tensor, xy_L2: torch.Tensor, metres_per_unit: float) -> torch.Tensor:
-    """log(1 + metres / 100) / 5 between points [B, 2] and places [L, 2] -> [B, L]."""
-    diff = xy_B2.float().unsqueeze(1) - xy_L2.unsqueeze(0)
+def _log_dist(xy_B2: torch.Tensor, xy: torch.Tensor, metres_per_unit: float) -> torch.Tensor:
+    """log(1 + metres / 100) / 5 between points [B, 2] and places: [L, 2] (every place) or [B, C, 2] (each
+    row's candidates) -> [B, L] or [B, C]."""
+    diff = xy_B2.float().unsqueeze(1) - (xy.unsqueeze(0) if xy.dim() == 2 else xy)
     d = torch.sqrt((diff * diff).sum(-1) + 1e-12) * metres_per_unit
     return torch.log1p(d / 100.0) / 5.0
+
+
+def _per_row(table_L: torch.Tensor, cand_BC: torch.Tensor | None, B: int) -> torch.Tensor:
+    """A per-place table [L, ...] at every place [B, L, ...] (cand None) or at the candidates [B, C, ...]."""
+    if cand_BC is None:
+        return table_L.unsqueeze(0).expand(B, *table_L.shape)
+    return table_L[cand_BC.clamp_min(0)]
 
 
 def visited_mask(ptr_loc_BP: torch.Tensor, n_loc: int) -> torch.Tensor:
@@ -102,6 +150,13 @@ def visited_mask(ptr_loc_BP: torch.Tensor, n_loc: int) -> torch.Tensor:
     valid = (ptr_loc_BP >= 0).float()
     hits = torch.zeros(ptr_loc_BP.shape[0], n_loc, dtype=torch.float32, device=ptr_loc_BP.device)
     return (hits.scatter_add(1, ptr_loc_BP.clamp_min(0), valid) > 0).float()
+
+
+def visited_in(ptr_loc_BP: torch.Tensor, cand_BC: torch.Tensor) -> torch.Tensor:
+    """[B, C] float: 1 where candidate c occurs among the valid pointer slots ([B, C, P] comparison: for a
+    retrieved candidate set; ``visited_mask`` is the all-places form)."""
+    hit = (cand_BC.unsqueeze(2) == ptr_loc_BP.unsqueeze(1)) & (ptr_loc_BP >= 0).unsqueeze(1)
+    return (hit.any(-1) & (cand_BC >= 0)).float()
 
 
 def first_visits(ptr_loc_BP: torch.Tensor) -> torch.Tensor:
@@ -128,11 +183,33 @@ class NoveltyScorer(nn.Module):
         query_time: bool,
         top_k: int,
         counts: CityCounts | None = None,
+        covisit_k: int = 0,
     ) -> None:
         super().__init__()
         self.metres_per_unit, self.query_time = float(metres_per_unit), bool(query_time)
+        self.covisit_k = int(covisit_k)  # 0: no co-visitation features
+        self._register_counts(counts, n_loc, top_k)
+        n_feat = N_CAND_FEATURES + (N_COVIS_FEATURES if self.covisit_k > 0 else 0)
+        self.hidden = int(hidden)  # 0: the routed linear part only (no per-candidate MLP)
+        if self.hidden > 0:
+            self.cand_in = nn.Linear(n_feat, hidden)
+            self.query_in = nn.Linear(d_model, hidden, bias=False)
+            self.v0 = nn.Parameter(torch.zeros(hidden))
+            self.v_persona = nn.Parameter(torch.zeros(num_personas, hidden))
+            self.v_function = nn.Parameter(torch.zeros(max(num_functions, 1), hidden))
+        # linear part, routed the same way: s += f . (a_0 + sum_e pi_e a_e + sum_f omega_f b_f)
+        self.a0 = nn.Parameter(torch.zeros(n_feat))
+        self.a_persona = nn.Parameter(torch.zeros(num_personas, n_feat))
+        self.a_function = nn.Parameter(torch.zeros(max(num_functions, 1), n_feat))
+        with torch.no_grad():  # start from gravity (explore_nearby's score + successors), not from zero
+            self.a0[0], self.a0[4], self.a0[7] = -10.0, 5.0, 4.0
+            if self.covisit_k > 0:  # + co-visitation with the window's places, at the probe's weight
+                self.a0[N_CAND_FEATURES + 1] = 3.0
+
+    def _register_counts(self, counts: CityCounts | None, n_loc: int, top_k: int) -> None:
+        """The count tables as buffers (location-table entries: a zero-shot load replaces them)."""
+        kc, z = self.covisit_k, np.zeros
         if counts is None:  # no data set at hand (tests, shape-only builds): zero counts, filled by loading
-            z = np.zeros
             counts = CityCounts(z(n_loc, np.float32), z((n_loc, N_TIME_BINS), np.float32),
                                 z((n_loc, top_k), np.int64), z((n_loc, top_k), np.float32))  # fmt: skip
         got = (counts.visits_L.shape[0], counts.succ_ids_LK.shape[1])
@@ -142,35 +219,76 @@ class NoveltyScorer(nn.Module):
         self.register_buffer("visits_LT", torch.as_tensor(counts.visits_LT).float().clone())
         self.register_buffer("succ_ids_LK", torch.as_tensor(counts.succ_ids_LK).long().clone())
         self.register_buffer("succ_cnt_LK", torch.as_tensor(counts.succ_cnt_LK).float().clone())
-        self.hidden = int(hidden)  # 0: the routed linear part only (no per-candidate MLP)
-        if self.hidden > 0:
-            self.cand_in = nn.Linear(N_CAND_FEATURES, hidden)
-            self.query_in = nn.Linear(d_model, hidden, bias=False)
-            self.v0 = nn.Parameter(torch.zeros(hidden))
-            self.v_persona = nn.Parameter(torch.zeros(num_personas, hidden))
-            self.v_function = nn.Parameter(torch.zeros(max(num_functions, 1), hidden))
-        # linear part, routed the same way: s += f . (a_0 + sum_e pi_e a_e + sum_f omega_f b_f)
-        self.a0 = nn.Parameter(torch.zeros(N_CAND_FEATURES))
-        self.a_persona = nn.Parameter(torch.zeros(num_personas, N_CAND_FEATURES))
-        self.a_function = nn.Parameter(torch.zeros(max(num_functions, 1), N_CAND_FEATURES))
-        with torch.no_grad():  # start from gravity (explore_nearby's score + successors), not from zero
-            self.a0[0], self.a0[4], self.a0[7] = -10.0, 5.0, 4.0
+        if kc == 0:
+            return
+        ids, cnt, users = counts.covis_ids_LK, counts.covis_cnt_LK, counts.users_L
+        if ids is None or cnt is None or users is None:
+            ids, cnt, users = z((n_loc, kc), np.int64), z((n_loc, kc), np.float32), z(n_loc, np.float32)
+        if ids.shape != (n_loc, kc):
+            raise ValueError(f"co-visitation lists {ids.shape}, the model wants {(n_loc, kc)}")
+        self.register_buffer("covis_ids_LK", torch.as_tensor(ids).long().clone())
+        self.register_buffer("covis_cnt_LK", torch.as_tensor(cnt).float().clone())
+        self.register_buffer("users_L", torch.as_tensor(users).float().clone())
 
-    def counts_BL(self, batch: dict[str, torch.Tensor], target_B: torch.Tensor | None) -> list[torch.Tensor]:
+    def covis_BL(
+        self, ptr_loc_BP: torch.Tensor, target_B: torch.Tensor | None, cand_BC: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """[log1p users of the place, log1p co-visitation with the window], each [B, L] or [B, C]:
+        cov(c) = sum_k [nb_ck in the window] n_ck / sqrt((u(nb_ck) + 1)(u(c) + 1)) over c's Kc co-visited
+        places nb_ck (n_ck train users in common, u = train users per place). Leave-own-user-out for
+        ``target_B``: the train split is chronological per user, so every window place and the target are
+        among the sample's user's train places; that user is taken out of the target's n_ck with every
+        window place and out of u(target), so the target's score is the one without this user."""
+        B = ptr_loc_BP.shape[0]
+        ids_BCK = _per_row(self.covis_ids_LK, cand_BC, B)
+        if cand_BC is None:  # window presence at every place, gathered at each place's co-visited places
+            pres = visited_mask(ptr_loc_BP, self.covis_ids_LK.shape[0])
+            pres_BCK = pres.gather(1, ids_BCK.reshape(B, -1)).reshape(ids_BCK.shape)
+        else:  # [B, C, P] comparisons one neighbour rank at a time (never a [B, C, Kc, P] tensor)
+            valid = (ptr_loc_BP >= 0).unsqueeze(1)
+            cols = [((ids_BCK[:, :, k, None] == ptr_loc_BP.unsqueeze(1)) & valid).any(-1)
+                    for k in range(ids_BCK.shape[2])]  # fmt: skip
+            pres_BCK = torch.stack(cols, -1).float()
+        n_BCK = _per_row(self.covis_cnt_LK, cand_BC, B)
+        u_BC = _per_row(self.users_L, cand_BC, B)
+        if target_B is not None:
+            t = target_B.long().unsqueeze(1)
+            own = (torch.arange(u_BC.shape[1], device=t.device) == t) if cand_BC is None else (cand_BC == t)
+            n_BCK = (n_BCK - own.float().unsqueeze(2) * pres_BCK).clamp_min(0)
+            u_BC = (u_BC - own.float()).clamp_min(0)
+        cos = n_BCK * pres_BCK / torch.sqrt((self.users_L[ids_BCK] + 1.0) * (u_BC.unsqueeze(2) + 1.0))
+        return [torch.log1p(u_BC), torch.log1p(cos.sum(-1))]
+
+    def counts_BL(
+        self,
+        batch: dict[str, torch.Tensor],
+        target_B: torch.Tensor | None,
+        cand_BC: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
         """log1p of the visit count, the count in the query's time bin and the transition count from the
-        current place, each [B, L]; leave-one-out for ``target_B`` (the sample's own target record)."""
-        B, L = batch["ptr_loc"].shape[0], self.visits_L.shape[0]
+        current place, each [B, L] (every place) or [B, C] (at ``cand_BC``; padding -1 reads place 0, the
+        caller masks it); leave-one-out for ``target_B`` (the sample's own target record)."""
+        B = batch["ptr_loc"].shape[0]
         if self.query_time:
             tb = time_bin(batch["query_hour"].long(), batch["query_weekday"].long())
         else:
             tb = time_bin(batch["cur_hour"][:, -1].long(), batch["cur_weekday"][:, -1].long())
-        visits = self.visits_L.unsqueeze(0).expand(B, L)
-        in_bin = self.visits_LT.t()[tb.clamp(0, N_TIME_BINS - 1)]  # [B, L]
+        tb = tb.clamp(0, N_TIME_BINS - 1)
+        visits = _per_row(self.visits_L, cand_BC, B)
         cur = batch["cur_loc"][:, -1].clamp_min(0)
-        trans = torch.zeros(B, L, dtype=torch.float32, device=visits.device)
-        trans = trans.scatter_add(1, self.succ_ids_LK[cur], self.succ_cnt_LK[cur])
+        ids_BK, cnt_BK = self.succ_ids_LK[cur], self.succ_cnt_LK[cur]
+        if cand_BC is None:
+            in_bin = self.visits_LT.t()[tb]  # [B, L]
+            trans = torch.zeros_like(visits).scatter_add(1, ids_BK, cnt_BK)
+        else:
+            in_bin = self.visits_LT[cand_BC.clamp_min(0), tb.unsqueeze(1)]  # [B, C]
+            match = cand_BC.unsqueeze(2) == ids_BK.unsqueeze(1)  # [B, C, K]: ids are distinct per row
+            trans = (match.float() * cnt_BK.unsqueeze(1)).sum(-1)
         if target_B is not None:  # leave one out: the target record is one train visit and one transition
-            own = F.one_hot(target_B.long(), L).float()
+            if cand_BC is None:
+                own = F.one_hot(target_B.long(), visits.shape[1]).float()
+            else:
+                own = (cand_BC == target_B.long().unsqueeze(1)).float()
             t_bin = time_bin(batch["query_hour"].long(), batch["query_weekday"].long())
             visits = (visits - own).clamp_min(0)
             in_bin = (in_bin - own * (t_bin == tb).float().unsqueeze(1)).clamp_min(0)
@@ -179,21 +297,22 @@ class NoveltyScorer(nn.Module):
 
     def features(
         self, batch: dict[str, torch.Tensor], loc_xy_L2: torch.Tensor, pred_xy_B2: torch.Tensor,
-        target_B: torch.Tensor | None,
+        target_B: torch.Tensor | None, cand_BC: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        """Candidate features f [B, L, F] (module docstring); no location id enters except through the
-        counts' equality lookups."""
+        """Candidate features f [B, L, F] (every place) or [B, C, F] (at ``cand_BC``) (module docstring); no
+        location id enters except through the counts' equality lookups."""
         m = self.metres_per_unit
-        d_cur = _log_dist(batch["cur_xy"][:, -1], loc_xy_L2, m)
+        xy = loc_xy_L2 if cand_BC is None else loc_xy_L2[cand_BC.clamp_min(0)]  # [L, 2] or [B, C, 2]
+        d_cur = _log_dist(batch["cur_xy"][:, -1], xy, m)
         C = batch["cur_xy"].shape[1]
-        d_win = torch.stack([_log_dist(batch["cur_xy"][:, c], loc_xy_L2, m) for c in range(C)], -1).amin(-1)
-        d_pred = _log_dist(pred_xy_B2, loc_xy_L2, m)
+        d_win = torch.stack([_log_dist(batch["cur_xy"][:, c], xy, m) for c in range(C)], -1).amin(-1)
+        d_pred = _log_dist(pred_xy_B2, xy, m)
         valid = (batch["ptr_loc"] >= 0).float().unsqueeze(-1)
         n = valid.sum(1).clamp_min(1.0)
         centre = torch.where(valid.sum(1) > 0, (batch["ptr_xy"].float() * valid).sum(1) / n,
                              batch["cur_xy"][:, -1].float())  # fmt: skip
-        d_centre = _log_dist(centre, loc_xy_L2, m)
-        visits, in_bin, trans = self.counts_BL(batch, target_B)
+        d_centre = _log_dist(centre, xy, m)
+        visits, in_bin, trans = self.counts_BL(batch, target_B, cand_BC)
         feats = [
             d_cur,
             d_win,
@@ -204,6 +323,9 @@ class NoveltyScorer(nn.Module):
             (in_bin - visits) / 2.0,
             trans / 2.0,
         ]
+        if self.covisit_k > 0:
+            users, covis = self.covis_BL(batch["ptr_loc"], target_B, cand_BC)
+            feats += [users / 5.0, covis]
         return torch.stack(feats, -1)
 
     def forward(
@@ -215,10 +337,13 @@ class NoveltyScorer(nn.Module):
         loc_xy_L2: torch.Tensor,
         pred_xy_B2: torch.Tensor,
         target_B: torch.Tensor | None = None,
+        cand_BC: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (id-free scores s [B, L], fp32; visited places are NOT masked here, exploration gate
-        statistics [B, S] without the novelty evidence: ``gate_stats`` adds it)."""
-        f_BLF = self.features(batch, loc_xy_L2, pred_xy_B2, target_B)
+        """-> (id-free scores s, fp32: [B, L] over every place when ``cand_BC`` is None, else [B, C] for the
+        candidate ids ``cand_BC`` (LongTensor [B, C], -1 = padding, scored NEG); visited places are NOT
+        masked here; exploration gate statistics [B, S] without the novelty evidence: ``gate_stats`` adds
+        it)."""
+        f_BLF = self.features(batch, loc_xy_L2, pred_xy_B2, target_B, cand_BC)
         a_BF = param32(self.a0) + pi_BE.float() @ param32(self.a_persona)
         a_BF = a_BF + om_BF.float() @ param32(self.a_function)
         s_BL = (f_BLF * a_BF.unsqueeze(1)).sum(-1)
@@ -227,6 +352,8 @@ class NoveltyScorer(nn.Module):
             v_BH = param32(self.v0) + pi_BE.float() @ param32(self.v_persona)
             v_BH = v_BH + om_BF.float() @ param32(self.v_function)
             s_BL = s_BL + (z_BLH * v_BH.unsqueeze(1)).sum(-1)
+        if cand_BC is not None:
+            s_BL = torch.where(cand_BC >= 0, s_BL, torch.full_like(s_BL, NEG))
         new_BP = first_visits(batch["ptr_loc"])
         P = new_BP.shape[1]
         tail = (batch["ptr_loc"][:, -min(RATE_WINDOW, P) :] >= 0).float()
@@ -254,6 +381,6 @@ def novelty_settings(heads_cfg, info) -> dict | None:
     counts from ``info.records`` when present."""
     if not heads_cfg.novelty:
         return None
-    k = heads_cfg.novelty_transitions
-    counts = city_counts(info.records, info.num_locations, k) if info.records is not None else None
-    return {"hidden": heads_cfg.novelty_hidden, "top_k": k, "counts": counts}
+    k, kc = heads_cfg.novelty_transitions, heads_cfg.novelty_covisit
+    counts = city_counts(info.records, info.num_locations, k, kc) if info.records is not None else None
+    return {"hidden": heads_cfg.novelty_hidden, "top_k": k, "counts": counts, "covisit_k": kc}

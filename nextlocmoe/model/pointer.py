@@ -107,7 +107,7 @@ class PointerScoredHead(nn.Module):
         location_params: bool = True,
     ) -> None:
         """``novelty``: None (the generator over every place) or the exploration head's settings
-        {"hidden": int, "top_k": int, "counts": CityCounts | None} (model/novelty.py).
+        {"hidden": int, "top_k": int, "counts": CityCounts | None, "covisit_k": int} (model/novelty.py).
         ``location_params=False``: no per-place parameters (the retrieval head, model/retrieval.py)."""
         super().__init__()
         self.register_buffer("loc_xy_L2", loc_xy_L2.float().clone(), persistent=True)
@@ -131,7 +131,7 @@ class PointerScoredHead(nn.Module):
             counts: CityCounts | None = novelty.get("counts")
             self.novel = NoveltyScorer(
                 d_model, int(novelty["hidden"]), num_personas, num_functions, L, metres_per_unit,
-                query_time, int(novelty["top_k"]), counts,
+                query_time, int(novelty["top_k"]), counts, int(novelty.get("covisit_k", 0)),
             )  # fmt: skip
         self.gate_out = nn.Linear(hidden + 2 + (N_GATE_STATS if novelty is not None else 0), 1)
         with torch.no_grad():  # start from "copy with recency + transitions" rather than from zero

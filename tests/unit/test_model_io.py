@@ -46,11 +46,14 @@ def _records(n_loc: int, seed: int) -> dict:
     return cols
 
 
-@pytest.mark.parametrize("novelty", [False, True])
-def test_load_weights_same_and_other_location_table(debug_cfg, tmp_path: Path, novelty: bool) -> None:
-    """Another data set keeps its own location entries, with the exploration head its own city counts."""
+@pytest.mark.parametrize(("novelty", "covisit"), [(False, 0), (True, 0), (True, 4)])
+def test_load_weights_same_and_other_location_table(
+    debug_cfg, tmp_path: Path, novelty: bool, covisit: int
+) -> None:
+    """Another data set keeps its own location entries, with the exploration head its own city counts
+    (co-visitation lists included)."""
     cfg = copy.deepcopy(debug_cfg.model)
-    cfg.heads.novelty = novelty
+    cfg.heads.novelty, cfg.heads.novelty_covisit = novelty, covisit
     torch.manual_seed(0)
     src_info = DataInfo(torch.randn(40, 2), 1000.0, records=_records(40, 0))
     src = build_model(cfg, src_info)
@@ -58,6 +61,8 @@ def test_load_weights_same_and_other_location_table(debug_cfg, tmp_path: Path, n
     want = src.state_dict()
     if novelty:
         assert want["scored.novel.visits_L"].sum() > 0
+    if covisit:
+        assert want["scored.novel.covis_cnt_LK"].sum() > 0
 
     torch.manual_seed(1)  # another init: every loaded tensor must change to the source's
     same_info = DataInfo(src.scored.loc_xy_L2.clone(), 1000.0)  # no records: zero counts until loaded

@@ -18,6 +18,7 @@ from nextlocmoe.model.novelty import (
     city_counts,
     first_visits,
     time_bin,
+    visited_in,
     visited_mask,
 )
 from nextlocmoe.model.pointer import PointerScoredHead
@@ -37,10 +38,10 @@ def _records(n: int = 400, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def _head(counts: CityCounts | None, seed: int = 0, hidden: int = 8) -> PointerScoredHead:
+def _head(counts: CityCounts | None, seed: int = 0, hidden: int = 8, covisit: int = 0) -> PointerScoredHead:
     torch.manual_seed(seed)
     b = _routine_batch(2, 0, L=L, P=P)
-    nov = {"hidden": hidden, "top_k": 5, "counts": counts}
+    nov = {"hidden": hidden, "top_k": 5, "counts": counts, "covisit_k": covisit}
     return PointerScoredHead(D, b["xy_L2"], 8, 8, 4, 5, 1000.0, True, nov)
 
 
@@ -124,6 +125,100 @@ def test_training_counts_are_leave_one_out_and_evaluation_ignores_the_target() -
     assert torch.equal(a, c)  # evaluation never reads the target
 
 
+@pytest.mark.parametrize("covisit", [0, 6])
+@pytest.mark.parametrize("loo", [False, True])
+def test_candidate_scores_are_the_all_places_scores_at_the_candidates(loo: bool, covisit: int) -> None:
+    """``cand_BC`` (a retrieved set, -1 padding) gives exactly the [B, L] scores gathered at the candidates,
+    with and without the leave-one-out target; padding scores NEG; the visited test agrees with the mask."""
+    from nextlocmoe.model.novelty import NEG
+
+    head = _head(city_counts(_records(), L, 5, covisit), covisit=covisit)
+    b = _routine_batch(6, 5, L=L, P=P)
+    pi, om = _uniform_routing(6)
+    h = torch.randn(6, D)
+    g = torch.Generator().manual_seed(0)
+    cand = torch.stack([torch.randperm(L, generator=g)[:12] for _ in range(6)])
+    cand[:, 0] = b["target_loc"]  # the target among the candidates: its leave-one-out must apply there too
+    cand[0, -3:] = -1
+    target = b["target_loc"] if loo else None
+    with torch.no_grad():
+        s_all, st_all = head.novel(h, b, pi, om, head.loc_xy_L2, b["cur_xy"][:, -1], target)
+        s_c, st_c = head.novel(h, b, pi, om, head.loc_xy_L2, b["cur_xy"][:, -1], target, cand_BC=cand)
+    pad = cand < 0
+    assert s_c.shape == (6, 12) and torch.equal(st_all, st_c)
+    assert torch.allclose(s_c[~pad], s_all.gather(1, cand.clamp_min(0))[~pad], atol=1e-5)
+    assert torch.all(s_c[pad] == NEG)
+    vis = visited_in(b["ptr_loc"], cand)
+    assert torch.equal(vis[~pad], visited_mask(b["ptr_loc"], L).gather(1, cand.clamp_min(0))[~pad])
+    assert torch.all(vis[pad] == 0)
+
+
+def _chronological_records(n_user: int = 9, per_user: int = 60, seed: int = 1) -> dict[str, np.ndarray]:
+    """Records split chronologically per user (first 70 % train, then valid, then test), as prepare does."""
+    rng = np.random.default_rng(seed)
+    k = np.arange(per_user)
+    split = np.where(k < 0.7 * per_user, 0, np.where(k < 0.85 * per_user, 1, 2))
+    return {
+        "loc": rng.integers(0, L, n_user * per_user),
+        "user": np.repeat(np.arange(n_user), per_user),
+        "hour": rng.integers(0, 24, n_user * per_user),
+        "weekday": rng.integers(0, 7, n_user * per_user),
+        "split": np.tile(split, n_user),
+    }
+
+
+def test_covisitation_matches_brute_force() -> None:
+    r = _chronological_records()
+    c = city_counts(r, L, 5, covisit_k=6)
+    tr = r["split"] == 0
+    U = np.zeros((9, L))
+    U[r["user"][tr], r["loc"][tr]] = 1
+    full = U.T @ U
+    assert np.array_equal(c.users_L, np.diag(full))
+    np.fill_diagonal(full, 0)
+    for src in range(L):
+        kept = c.covis_cnt_LK[src] > 0
+        assert np.array_equal(c.covis_cnt_LK[src][kept], full[src, c.covis_ids_LK[src][kept]])
+        assert np.array_equal(c.covis_cnt_LK[src], np.sort(full[src])[::-1][:6])  # the most shared places
+
+
+def test_covisitation_leaves_the_samples_own_user_out_of_the_target() -> None:
+    """A train sample's target score equals the one computed from the train split WITHOUT the sample's
+    user (the user's own co-visits of the window places with the target are gone); other places keep
+    their scores; evaluation (no target) reads the full counts."""
+    r = _chronological_records()
+    kc = L - 1  # no truncation: the reference is exact
+    head = _head(city_counts(r, L, 5, kc), covisit=kc)
+    tr = r["split"] == 0
+    rows, targets, windows = [], [], []
+    for u in range(4):
+        idx = np.flatnonzero((r["user"] == u) & tr)[-1 - u]  # a train target with the user's records before
+        first = np.flatnonzero(r["user"] == u)[0]
+        w = r["loc"][max(first, idx - P) : idx]
+        windows.append(np.r_[np.full(P - len(w), -1), w])
+        targets.append(r["loc"][idx])
+        rows.append(u)
+    ptr = torch.as_tensor(np.stack(windows))
+    t = torch.as_tensor(np.array(targets))
+    with torch.no_grad():
+        users_loo, cov_loo = head.novel.covis_BL(ptr, t)
+        users_full, cov_full = head.novel.covis_BL(ptr, None)
+    for i, u in enumerate(rows):
+        U = np.zeros((9, L))
+        U[r["user"][tr], r["loc"][tr]] = 1
+        with_u = np.diag(U.T @ U)
+        U[u] = 0  # the train split without this user
+        wo = U.T @ U
+        win = np.unique(windows[i][windows[i] >= 0])
+        win = win[win != targets[i]]
+        ref = np.sum(wo[targets[i], win] / np.sqrt((with_u[win] + 1) * (wo[targets[i], targets[i]] + 1)))
+        assert np.isclose(cov_loo[i, targets[i]].item(), np.log1p(ref), atol=1e-5)
+        assert np.isclose(users_loo[i, targets[i]].expm1().item(), wo[targets[i], targets[i]], atol=1e-4)
+        other = torch.arange(L) != t[i]
+        assert torch.equal(cov_loo[i, other], cov_full[i, other])
+    assert (cov_full.gather(1, t[:, None]) >= cov_loo.gather(1, t[:, None])).all()
+
+
 def test_novelty_scores_are_id_free() -> None:
     """Relabel every place (ids, coordinates, counts permuted together): the scores permute the same way."""
     r = _records()
@@ -156,6 +251,10 @@ def test_novelty_scores_are_id_free() -> None:
 def test_novelty_config_is_validated() -> None:
     with pytest.raises(ConfigError, match="novelty=true needs heads.pointer"):
         load_config(None, ["model.heads.novelty=true"])
+    with pytest.raises(ConfigError, match="novelty_covisit"):
+        load_config(
+            None, ["model.heads.pointer=true", "model.heads.novelty=true", "model.heads.novelty_covisit=-1"]
+        )
     with pytest.raises(ConfigError, match="novelty_hidden"):
         load_config(
             None, ["model.heads.pointer=true", "model.heads.novelty=true", "model.heads.novelty_hidden=-1"]
@@ -176,11 +275,11 @@ class _HeadGraph(nn.Module):
         return self.head(h, pred, dict(zip(KEYS, xs[4:], strict=True)), pi, om)
 
 
-@pytest.mark.parametrize("hidden", [8, 0])
-def test_novelty_head_exports_with_parity(tmp_path: Path, hidden: int) -> None:
+@pytest.mark.parametrize(("hidden", "covisit"), [(8, 0), (0, 0), (8, 6)])
+def test_novelty_head_exports_with_parity(tmp_path: Path, hidden: int, covisit: int) -> None:
     from export.onnx_io import OrtSession, export_onnx
 
-    head = _head(city_counts(_records(), L, 5), hidden=hidden).eval()
+    head = _head(city_counts(_records(), L, 5, covisit), hidden=hidden, covisit=covisit).eval()
     keys = KEYS
     m = _HeadGraph(head).eval()
 
