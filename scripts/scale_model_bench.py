@@ -4,7 +4,8 @@ engine latency with peak memory, for the full-scoring and the retrieval pointer 
     python scripts/scale_model_bench.py --locations 1e4 1e6 --heads retrieval full --out scale-out/model.json
 
 For each L: max(``--rows``, L) synthetic check-ins (scripts/scale_bench.py's generator: Zipf venues around
-one city, the first L rows visiting every venue once so the store knows all L places) are prepared once; then per head (``model.heads.retrieval`` true / false on the debug flavour):
+one city, the first L rows visiting every venue once so the store knows all L places) are prepared once;
+then per head (``model.heads.retrieval`` true / false on the debug flavour):
 
 - **train**: ``--steps`` DeepSpeed steps on 2 CPU ranks (ZeRO-2, ep_size=2, as the demo); the step time is
   the median of metrics.jsonl's ``step_time_s`` windows after the first (warm-up, model build excluded);
