@@ -133,9 +133,8 @@ class CandidateIndex(nn.Module):
         ptr_BP = batch["ptr_loc"].long()
         B = ptr_BP.shape[0]
         cur_B = batch["cur_loc"][:, -1].long()
-        known_B1 = (cur_B >= 0).unsqueeze(1)  # an unknown current place (-1) has no neighbours
-        near_BK = torch.where(known_B1, self.near_LK[cur_B.clamp_min(0)].long(), -1)
-        succ_BK = torch.where(known_B1, self.succ_LK[cur_B.clamp_min(0)].long(), -1)
+        near_BK = self.rows_of(self.near_LK, cur_B).long()
+        succ_BK = self.rows_of(self.succ_LK, cur_B).long()
         parts = [ptr_BP, near_BK, succ_BK, self.popular_N.unsqueeze(0).expand(B, -1)]
         if target_B is not None:
             parts.append(target_B.long().unsqueeze(1))
@@ -143,9 +142,17 @@ class CandidateIndex(nn.Module):
                 parts.append(target_B.long().unsqueeze(0).expand(B, -1))
         return torch.cat(parts, 1)
 
+    @staticmethod
+    def rows_of(table_LK: torch.Tensor, cur_B: torch.Tensor) -> torch.Tensor:
+        """The current places' rows [B, K] of a per-place table; an unknown current place (-1) gets a
+        row of -1 (id tables: no candidates) -- its counts are then 0 through the -1 ids."""
+        known_B1 = (cur_B >= 0).unsqueeze(1)
+        return torch.where(known_B1, table_LK[cur_B.clamp_min(0)], torch.full_like(table_LK[:1], -1))
+
     def transitions(self, cand_BC: torch.Tensor, cur_B: torch.Tensor) -> torch.Tensor:
-        """[B, C] train-split transition counts current place -> candidate (0 outside the Kt kept)."""
-        succ_BK = self.succ_LK[cur_B.clamp_min(0)].long()
+        """[B, C] train-split transition counts current place -> candidate (0 outside the Kt kept, and for
+        an unknown current place)."""
+        succ_BK = self.rows_of(self.succ_LK, cur_B).long()
         cnt_BK = self.succ_cnt_LK[cur_B.clamp_min(0)]
         match_BCK = (cand_BC.unsqueeze(2) == succ_BK.unsqueeze(1)) & (succ_BK >= 0).unsqueeze(1)
         return (match_BCK.float() * cnt_BK.unsqueeze(1)).sum(-1)

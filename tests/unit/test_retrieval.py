@@ -227,3 +227,17 @@ def test_whole_model_trains_in_bf16_with_the_retrieval_head() -> None:
     with torch.no_grad():
         pred_eval, _ = model.eval()(batch)
     assert pred_eval.cand.shape[1] == pred.cand.shape[1] - 1 - 6  # no target, no in-batch negatives
+
+
+def test_an_unknown_current_place_retrieves_no_neighbours_and_no_transitions() -> None:
+    head = _head()
+    b = _routine_batch(3, 6, L=L, P=P)
+    b["cur_loc"] = b["cur_loc"].clone()
+    b["cur_loc"][0, -1] = -1
+    cand = head.index.retrieve(b)
+    kn, kt = head.index.near_LK.shape[1], head.index.succ_LK.shape[1]
+    assert (cand[0, P : P + kn + kt] == -1).all() and (cand[1, P : P + kn] >= 0).all()
+    ids = torch.arange(L).expand(3, L)
+    trans = head.index.transitions(ids, b["cur_loc"][:, -1].long())
+    assert (trans[0] == 0).all()  # not place 0's successors
+    assert torch.equal(trans[1], head.index.transitions(ids[1:2], b["cur_loc"][1:2, -1].long())[0])
