@@ -83,10 +83,16 @@ def slot_features(batch: dict[str, torch.Tensor], metres_per_unit: float, query_
     return torch.stack(feats, -1) * valid.unsqueeze(-1)
 
 
-def _dist_BL(xy_B2: torch.Tensor, xy_L2: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances [B, L] (explicit: exports as plain elementwise ops)."""
-    diff = xy_B2.float().unsqueeze(1) - xy_L2.unsqueeze(0)
+def dist(a_X2: torch.Tensor, b_X2: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances between broadcastable point arrays [..., 2] (explicit: exports as plain
+    elementwise ops)."""
+    diff = a_X2.float() - b_X2.float()
     return torch.sqrt((diff * diff).sum(-1) + 1e-12)
+
+
+def _dist_BL(xy_B2: torch.Tensor, xy_L2: torch.Tensor) -> torch.Tensor:
+    """Distances [B, L] from each sample's point to every place."""
+    return dist(xy_B2.unsqueeze(1), xy_L2.unsqueeze(0))
 
 
 class PointerScoredHead(nn.Module):

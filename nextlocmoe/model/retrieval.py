@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from nextlocmoe.model.candidates import CandidateIndex, RetrievalTables, dedupe
-from nextlocmoe.model.pointer import NEG, PointerScoredHead
+from nextlocmoe.model.pointer import NEG, PointerScoredHead, dist
 from nextlocmoe.model.precision import linear32, param32
 
 N_COUNT_FEATURES = 2
@@ -67,8 +67,8 @@ class RetrievalPointerHead(PointerScoredHead):
     ) -> torch.Tensor:
         """Generator logits [B, C] of the candidates (module docstring), leave-one-out for ``target_B``."""
         xy_BC2 = self.loc_xy_L2[cand_BC.clamp_min(0)]
-        d_cur = (xy_BC2 - batch["cur_xy"][:, -1].float().unsqueeze(1)).square().sum(-1).add(1e-12).sqrt()
-        d_pred = (xy_BC2 - pred_xy_B2.float().unsqueeze(1)).square().sum(-1).add(1e-12).sqrt()
+        d_cur = dist(xy_BC2, batch["cur_xy"][:, -1].unsqueeze(1))
+        d_pred = dist(xy_BC2, pred_xy_B2.unsqueeze(1))
         visits = self.index.visits_L[cand_BC.clamp_min(0)]
         trans = self.index.transitions(cand_BC, batch["cur_loc"][:, -1].long())
         if target_B is not None:  # leave one out: the target record is one visit and one transition
