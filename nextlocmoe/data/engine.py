@@ -204,14 +204,22 @@ def check_users(con, need: int, source: Path) -> int:
     n_dup = n_rows - _one(con, "SELECT count(*) FROM firsts")[0]
     top_u, top_n = _one(con, "SELECT u, n FROM uc ORDER BY n DESC, u LIMIT 1")
     if top_n < need:
-        n_users = _one(con, "SELECT count(*) FROM uc")[0]
-        raise DataError(
-            f"{source}: no usable users: all {n_rows} usable rows would be dropped as user_too_short"
-            + (f" or duplicate ({n_dup} duplicates)" if n_dup else "")
-            + f": every user has fewer than {need} distinct records (--current + 1 + --min-history); the "
-            f"most is user {top_u!r} with {int(top_n)} (of {n_users} users)"
+        raise no_usable_users(
+            source, n_rows, n_dup, need, top_u, top_n, _one(con, "SELECT count(*) FROM uc")[0]
         )
     return int(n_dup)
+
+
+def no_usable_users(
+    source: Path, n_rows: int, n_dup: int, need: int, top_u, top_n, n_users: int
+) -> DataError:
+    """The error of ``check_users`` (either engine) when no user has ``need`` distinct records."""
+    return DataError(
+        f"{source}: no usable users: all {n_rows} usable rows would be dropped as user_too_short"
+        + (f" or duplicate ({n_dup} duplicates)" if n_dup else "")
+        + f": every user has fewer than {need} distinct records (--current + 1 + --min-history); the "
+        f"most is user {top_u!r} with {int(top_n)} (of {n_users} users)"
+    )
 
 
 def drop_and_number(con, need: int) -> int:

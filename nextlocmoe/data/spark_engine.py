@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from nextlocmoe.data.csvsource import _from_weekday_hour
-from nextlocmoe.data.engine import _INT_ID, origin_text, whole_user_batches
+from nextlocmoe.data.engine import _INT_ID, no_usable_users, origin_text, whole_user_batches
 from nextlocmoe.data.ingest import Ingested
 from nextlocmoe.data.parsing import DataError
 from nextlocmoe.data.sanity import UNITS, judge_coordinates, time_unit
@@ -277,12 +277,7 @@ def check_users(con: SparkCon, need: int, source: Path) -> int:
     n_dup = n_rows - firsts.count()
     top_u, top_n = uc.orderBy(F.desc("n"), "u").first()
     if top_n < need:
-        raise DataError(
-            f"{source}: no usable users: all {n_rows} usable rows would be dropped as user_too_short"
-            + (f" or duplicate ({n_dup} duplicates)" if n_dup else "")
-            + f": every user has fewer than {need} distinct records (--current + 1 + --min-history); the "
-            f"most is user {top_u!r} with {int(top_n)} (of {uc.count()} users)"
-        )
+        raise no_usable_users(source, n_rows, n_dup, need, top_u, top_n, uc.count())
     return int(n_dup)
 
 
