@@ -182,14 +182,21 @@ def checkpoint_dir(path: str | Path) -> Path:
                    "checkpoint folder (checkpoints/step<N>/ with COMPLETE)")  # fmt: skip
 
 
-def load_weights(model: NextLocMoE, ckpt: str | Path, info: DataInfo, state: dict | None = None) -> bool:
+def load_weights(
+    model: NextLocMoE,
+    ckpt: str | Path,
+    info: DataInfo,
+    state: dict | None = None,
+    foreign: bool | None = None,
+) -> bool:
     """Load a checkpoint folder saved with any ep_size into the single-device ``model`` built on ``info``'s
     data. When the checkpoint's scored head belongs to another location table (another data set) its
     per-location entries (LOCATION_KEYS) are skipped and the model keeps its own; returns True then.
     A checkpoint of another model shape raises RunError naming the folder. ``state``: ``ckpt``'s already
-    read state dict."""
+    read state dict; ``foreign``: the caller's ``foreign_locations`` verdict (None: decided here)."""
     state = read_model_state(ckpt) if state is None else state
-    foreign = model.scored is not None and foreign_locations(state, info)
+    if foreign is None:
+        foreign = model.scored is not None and foreign_locations(state, info)
     try:
         load_model_state(model, ckpt, state, skip=LOCATION_KEYS if foreign else ())
     except RuntimeError as e:  # size mismatches: another model config
@@ -229,7 +236,7 @@ def load_run(
     foreign = foreign and foreign_locations(state, info)
     transfer = "per-location embedding term dropped (source-city embeddings)" if foreign else None
     model = rebuild_model(cfg.model, info, transfer)
-    load_weights(model, ckpt, info, state)
+    load_weights(model, ckpt, info, state, foreign)
     if foreign:
         with torch.no_grad():  # (the retrieval head has no per-place parameters: nothing to drop)
             for name in ("loc_emb", "loc_bias"):  # the pointer head has a location bias too
