@@ -19,6 +19,8 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
+from nextlocmoe.model.novelty import N_TIME_BINS, time_bin
+
 WINDOW = 256
 
 
@@ -113,16 +115,16 @@ def reserved_slots(g, pc, pn, vis, t, novel) -> None:
                   f"overall Hit@10 {hit.mean():.4f}, novel Hit@10 {hit[novel].mean():.4f}")  # fmt: skip
 
 
-def probe_tables(data: str) -> dict:
-    """Train-split tables of the probe: counts, time-bin counts, transitions, user-user co-visitation."""
+def base_tables(data: str) -> dict:
+    """Train-split tables shared by the probes (also scripts/explore_probe.py): records, time bins,
+    time-bin visit counts, place coordinates, the dense user co-visitation counts (diagonal zeroed) and their
+    cosine normaliser ``nrm`` (dense [L, L]: data sets of a few thousand places)."""
     R = {c: np.load(f"{data}/records/{c}.npy") for c in ("user", "loc", "x", "y", "hour", "weekday", "split")}
     loc, user, tr = R["loc"].astype(np.int64), R["user"], R["split"] == 0
     L = int(loc.max()) + 1
-    tb = R["hour"] // 3 + 8 * (R["weekday"] >= 5)
-    pop_h = np.zeros((L, 16))
+    tb = time_bin(R["hour"], R["weekday"])
+    pop_h = np.zeros((L, N_TIME_BINS))
     np.add.at(pop_h, (loc[tr], tb[tr]), 1)
-    step = np.flatnonzero((user[1:] == user[:-1]) & tr[1:])
-    T = sp.csr_matrix((np.ones(len(step)), (loc[step], loc[step + 1])), shape=(L, L)).toarray()
     U = sp.csr_matrix((np.ones(tr.sum()), (user[tr], loc[tr])), shape=(int(user.max()) + 1, L))
     U.data[:] = 1.0
     C = (U.T @ U).toarray()
@@ -130,8 +132,18 @@ def probe_tables(data: str) -> dict:
     np.fill_diagonal(C, 0)
     xy = np.zeros((L, 2))
     xy[loc, 0], xy[loc, 1] = R["x"], R["y"]
-    return {"loc": loc, "user": user, "tb": tb, "L": L, "pop": np.bincount(loc[tr], minlength=L),
-            "pop_h": pop_h, "T": T, "C": C / np.sqrt(np.outer(d + 1, d + 1)), "xy": xy}  # fmt: skip
+    return {"loc": loc, "user": user, "train": tr, "tb": tb, "L": L, "pop_h": pop_h, "xy": xy,
+            "C": C, "nrm": np.sqrt(np.outer(d + 1, d + 1))}  # fmt: skip
+
+
+def probe_tables(data: str) -> dict:
+    """Train-split tables of the probe: counts, time-bin counts, transitions, user-user co-visitation."""
+    t = base_tables(data)
+    loc, user, tr, L = t["loc"], t["user"], t["train"], t["L"]
+    step = np.flatnonzero((user[1:] == user[:-1]) & tr[1:])
+    T = sp.csr_matrix((np.ones(len(step)), (loc[step], loc[step + 1])), shape=(L, L)).toarray()
+    return {"loc": loc, "user": user, "tb": t["tb"], "L": L, "pop": np.bincount(loc[tr], minlength=L),
+            "pop_h": t["pop_h"], "T": T, "C": t["C"] / t["nrm"], "xy": t["xy"]}  # fmt: skip
 
 
 def diag_probe(data: str, n: int) -> None:

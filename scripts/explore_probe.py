@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import scipy.sparse as sp
+from explore_diag import base_tables  # scripts/ is this script's folder: on sys.path
 
 WINDOW = 256
 
@@ -37,22 +37,10 @@ def _top(M: np.ndarray, k: int) -> np.ndarray:
 
 
 def tables(data: str) -> dict:
-    R = {c: np.load(f"{data}/records/{c}.npy") for c in ("user", "loc", "x", "y", "hour", "weekday", "split")}
-    loc, user, tr = R["loc"].astype(np.int64), R["user"], R["split"] == 0
-    L = int(loc.max()) + 1
-    tb = R["hour"] // 3 + 8 * (R["weekday"] >= 5)
-    pop_h = np.zeros((L, 16))
-    np.add.at(pop_h, (loc[tr], tb[tr]), 1)
-    U = sp.csr_matrix((np.ones(tr.sum()), (user[tr], loc[tr])), shape=(int(user.max()) + 1, L))
-    U.data[:] = 1.0
-    C = (U.T @ U).toarray()
-    d = np.diag(C).copy()
-    np.fill_diagonal(C, 0)
-    nrm = np.sqrt(np.outer(d + 1, d + 1))
-    xy = np.zeros((L, 2))
-    xy[loc, 0], xy[loc, 1] = R["x"], R["y"]
+    b = base_tables(data)
+    loc, user, tr, L, C, nrm = b["loc"], b["user"], b["train"], b["L"], b["C"], b["nrm"]
     p64 = _pairs(loc, user, tr, L, range(1, 65))
-    return {"loc": loc, "user": user, "tb": tb, "L": L, "xy": xy, "pop_h": pop_h,
+    return {"loc": loc, "user": user, "tb": b["tb"], "L": L, "xy": b["xy"], "pop_h": b["pop_h"],
             "T1": _pairs(loc, user, tr, L, range(1, 2)), "T10": _pairs(loc, user, tr, L, range(1, 11)),
             "T23": _pairs(loc, user, tr, L, range(2, 4)), "cos": C / nrm, "cos32": _top(C, 32) / nrm,
             "cos64": _top(C, 64) / nrm, "p64": p64, "p64cos": p64 / nrm}  # fmt: skip
