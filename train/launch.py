@@ -154,6 +154,8 @@ def fail_fast(e: BaseException, startup: bool = False) -> None:
     user's input: one line, exit 2; anything else (a step, the final evaluation) prints the traceback."""
     rank = os.environ.get("RANK", "0")
     expected = startup and isinstance(e, EXPECTED) and not isinstance(e, StepFailure)
+    sys.stdout.flush()
+    sys.stderr.write("\n")  # rank 0's progress bar (tqdm, no newline) may hold the line: start a fresh one
     if expected:
         print(f"train: error: {e}", file=sys.stderr)
     else:
