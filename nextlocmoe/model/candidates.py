@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nextlocmoe.model.novelty import city_counts
+from nextlocmoe.model.novelty import visits_and_successors
 
 
 @dataclass
@@ -60,8 +60,8 @@ def near_table(loc_xy_L2: np.ndarray, k: int) -> np.ndarray:
 def retrieval_tables(
     loc_xy_L2: np.ndarray, records: dict | None, k_near: int, k_succ: int, n_popular: int
 ) -> RetrievalTables:
-    """Tables from the location table [L, 2] and the record columns (loc, user, hour, weekday, split) of
-    the prepared data set; counts over the TRAIN split only (``novelty.city_counts``). ``records=None``
+    """Tables from the location table [L, 2] and the record columns (loc, user, split) of the prepared
+    data set; counts over the TRAIN split only (``novelty.visits_and_successors``). ``records=None``
     (shape-only builds): no successors, no popularity."""
     n_loc = len(loc_xy_L2)
     near = near_table(loc_xy_L2, k_near)
@@ -69,10 +69,10 @@ def retrieval_tables(
         z = np.zeros
         return RetrievalTables(near, np.full((n_loc, k_succ), -1, np.int32), z((n_loc, k_succ), np.float32),
                                z(n_loc, np.float32), np.arange(min(n_popular, n_loc)))  # fmt: skip
-    counts = city_counts(records, n_loc, k_succ)
-    succ = np.where(counts.succ_cnt_LK > 0, counts.succ_ids_LK, -1).astype(np.int32)
-    popular = np.argsort(-counts.visits_L, kind="stable")[:n_popular]
-    return RetrievalTables(near, succ, counts.succ_cnt_LK.astype(np.float32), counts.visits_L, popular)
+    visits_L, succ_ids_LK, succ_cnt_LK = visits_and_successors(records, n_loc, k_succ)
+    succ = np.where(succ_cnt_LK > 0, succ_ids_LK, -1).astype(np.int32)
+    popular = np.argsort(-visits_L, kind="stable")[:n_popular]
+    return RetrievalTables(near, succ, succ_cnt_LK.astype(np.float32), visits_L, popular)
 
 
 NO_PLACE = 1 << 40  # sort key of padding: after every place id

@@ -108,21 +108,32 @@ def covisitation(user: np.ndarray, loc: np.ndarray, n_loc: int, k: int) -> tuple
     return ids, cnts, users_L
 
 
-def city_counts(records: dict[str, np.ndarray], n_loc: int, top_k: int, covisit_k: int = 0) -> CityCounts:
-    """Visit, time-bin and transition counts over the TRAIN split (``split == 0``) of ``records``
-    (columns loc, user, hour, weekday, split). A transition i -> i+1 counts when both records belong to
-    the same user and record i+1 is a train record (as the ``markov`` baseline). ``covisit_k`` > 0 adds the
-    co-visitation lists (``covisitation``) of the train split."""
+def visits_and_successors(
+    records: dict[str, np.ndarray], n_loc: int, top_k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Visit counts [L] and each place's ``top_k`` most frequent successors (ids, counts [L, K]; padding id
+    0, count 0) over the TRAIN split (``split == 0``) of ``records`` (columns loc, user, split). A transition
+    i -> i+1 counts when both records belong to the same user and record i+1 is a train record (as the
+    ``markov`` baseline). Shared by ``city_counts`` and the retrieval head's tables, which need no more."""
     loc = records["loc"].astype(np.int64)
     user, train = records["user"], records["split"] == 0
     visits_L = np.bincount(loc[train], minlength=n_loc).astype(np.float32)
+    step = np.flatnonzero((user[1:] == user[:-1]) & train[1:])
+    keys, cnt = np.unique(loc[step] * n_loc + loc[step + 1], return_counts=True)
+    ids, cnts = _top_per_row(keys // n_loc, keys % n_loc, cnt, n_loc, top_k)
+    return visits_L, ids, cnts
+
+
+def city_counts(records: dict[str, np.ndarray], n_loc: int, top_k: int, covisit_k: int = 0) -> CityCounts:
+    """Visit, time-bin and transition counts over the TRAIN split (``split == 0``) of ``records``
+    (columns loc, user, hour, weekday, split; transitions as ``visits_and_successors``). ``covisit_k`` > 0
+    adds the co-visitation lists (``covisitation``) of the train split."""
+    loc = records["loc"].astype(np.int64)
+    user, train = records["user"], records["split"] == 0
+    visits_L, ids, cnts = visits_and_successors(records, n_loc, top_k)
     tb = time_bin(records["hour"].astype(np.int64), records["weekday"].astype(np.int64))
     visits_LT = np.zeros((n_loc, N_TIME_BINS), np.float32)
     np.add.at(visits_LT, (loc[train], tb[train]), 1.0)
-    step = np.flatnonzero((user[1:] == user[:-1]) & train[1:])
-    pair = loc[step] * n_loc + loc[step + 1]
-    keys, cnt = np.unique(pair, return_counts=True)
-    ids, cnts = _top_per_row(keys // n_loc, keys % n_loc, cnt, n_loc, top_k)
     out = CityCounts(visits_L, visits_LT, ids, cnts)
     if covisit_k > 0:
         uid = np.asarray(user)[train].astype(np.int64)
