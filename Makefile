@@ -18,7 +18,7 @@ setup: $(STAMP)
 
 test: setup
 	$(BIN)/ruff check nextlocmoe train export tests
-	NEXTLOCMOE_DATA=$(DATA) $(BIN)/python -m pytest -q tests
+	NEXTLOCMOE_DATA=$(DATA) $(BIN)/python -m pytest -q --durations=15 tests
 
 test-fast: setup
 	$(BIN)/python -m pytest -q tests/unit
