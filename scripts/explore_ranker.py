@@ -104,7 +104,7 @@ def features(t: dict, r: int) -> tuple[np.ndarray, np.ndarray]:
     c = xy[w].mean(0)
     cent = np.hypot(*(xy - c).T) / 1000 / (np.hypot(*(xy[w] - c).T).mean() / 1000 + 0.5)
     sim = t["UU"][t["user"][r]].copy()
-    sim[sim < np.sort(sim)[-50]] = 0
+    sim[sim < np.sort(sim)[-min(50, len(sim))]] = 0  # the 50 most similar train users (all if fewer)
     cols = (t["pop"], t["pop_h"][:, t["tb"][r]], km, t["T"][cur], t["T"][prev], t["T2"][prev], n @ t["cos"],
             vis.astype(np.float32) @ t["cos"], near, cent, t["users"], None, t["pop_first"], t["TN"][cur],
             t["T"][:, cur], sim @ t["U"])  # fmt: skip
@@ -113,9 +113,16 @@ def features(t: dict, r: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def candidates(X: np.ndarray, vis: np.ndarray) -> np.ndarray:
-    """The N_CAND unvisited places with the best hand-made score [C]."""
+    """The N_CAND unvisited places with the best hand-made score [min(N_CAND, L)]; -1 pads the list where
+    fewer places are unvisited (tiny data sets)."""
     s = sum(wt * X[:, k] for k, wt in HAND.items())
-    return np.argsort(-np.where(vis, -np.inf, s), kind="stable")[:N_CAND]
+    order = np.argsort(-np.where(vis, -np.inf, s), kind="stable")[:N_CAND]
+    return np.where(vis[order], -1, order)
+
+
+def masked(scores: torch.Tensor, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Scores [S, C] with the padding candidates (id -1) at -inf."""
+    return scores.masked_fill(torch.as_tensor(ids) < 0, float("-inf"))
 
 
 def novel_samples(t: dict, data: str, split: str) -> np.ndarray:
@@ -124,19 +131,22 @@ def novel_samples(t: dict, data: str, split: str) -> np.ndarray:
 
 
 def ranker_set(t: dict, rs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """(features [S, C, 16] of the candidates, target slot [S] (-1 outside), candidate ids [S, C])."""
+    """(features [S, C, 16] of the candidates, target slot [S] (-1 outside), candidate ids [S, C] (-1:
+    padding))."""
     X, Y, ids = [], [], []
     for r in rs:
         F_, vis = features(t, int(r))
         c = candidates(F_, vis)
-        X.append(F_[c])
+        X.append(F_[np.maximum(c, 0)])
         at = np.flatnonzero(c == t["loc"][r])
         Y.append(int(at[0]) if len(at) else -1)
         ids.append(c)
     return torch.tensor(np.stack(X)), torch.tensor(Y), np.stack(ids)
 
 
-def train_ranker(X: torch.Tensor, Y: torch.Tensor, hidden: int, seed: int = 0) -> torch.nn.Module:
+def train_ranker(
+    X: torch.Tensor, Y: torch.Tensor, ids: np.ndarray, hidden: int, seed: int = 0
+) -> torch.nn.Module:
     """Softmax over the candidates (standardised features), trained on the samples with the target inside."""
     torch.manual_seed(seed)
     keep = Y >= 0
@@ -149,10 +159,10 @@ def train_ranker(X: torch.Tensor, Y: torch.Tensor, hidden: int, seed: int = 0) -
         net = torch.nn.Linear(X.shape[-1], 1)
     model = torch.nn.Sequential(Standardise(mu, sd), net, torch.nn.Flatten(-2))
     opt = torch.optim.Adam(model.parameters(), 3e-3 if hidden else 1e-2, weight_decay=1e-4)
-    Xk, Yk = X[keep], Y[keep]
+    Xk, Yk, Ik = X[keep], Y[keep], torch.as_tensor(ids)[keep]
     for _ in range(40 if hidden else 60):
         for j in torch.randperm(len(Yk)).split(256):
-            loss = F.cross_entropy(model(Xk[j]), Yk[j])
+            loss = F.cross_entropy(masked(model(Xk[j]), Ik[j]), Yk[j])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -182,17 +192,17 @@ def hand_scores(X: torch.Tensor) -> torch.Tensor:
 def cmd_rank(data: str) -> None:
     t0 = time.time()
     t = tables(data)
-    Xv, Yv, _ = ranker_set(t, novel_samples(t, data, "valid"))
-    Xt, Yt, _ = ranker_set(t, novel_samples(t, data, "test"))
+    Xv, Yv, Iv = ranker_set(t, novel_samples(t, data, "valid"))
+    Xt, Yt, It = ranker_set(t, novel_samples(t, data, "test"))
     se = np.sqrt(0.1 * 0.9 / len(Yt))
     print(f"{data}: {len(Yv)} valid / {len(Yt)} test novel targets (Hit@10 SE about {se:.4f}); candidate "
           f"recall valid {(Yv >= 0).float().mean():.3f}, test {(Yt >= 0).float().mean():.3f} "
           f"({time.time() - t0:.0f} s)")  # fmt: skip
-    rows = {"hand-made (the probe's best)": hand_scores(Xt)}
+    rows = {"hand-made (the probe's best)": masked(hand_scores(Xt), It)}
     for hidden in (0, 32):
-        model = train_ranker(Xv, Yv, hidden)
+        model = train_ranker(Xv, Yv, Iv, hidden)
         with torch.no_grad():
-            rows[f"learned, {'linear' if not hidden else f'MLP {hidden}'}"] = model(Xt)
+            rows[f"learned, {'linear' if not hidden else f'MLP {hidden}'}"] = masked(model(Xt), It)
         if not hidden:
             w = model[1].weight[0] / model[0].sd  # per unit of each (log) feature
             print(
@@ -255,7 +265,7 @@ def mixture_hits(logp, ids, p_rank, q, tgt, novel) -> tuple[float, float, float]
     """Overall Hit@1, Hit@10 and novel Hit@10 of (1 - q) p_run + q p_ranker (the ranker's probability on
     its candidates, 0 elsewhere)."""
     p = (1 - q)[:, None] * logp.exp()
-    p = p.scatter_add(1, torch.as_tensor(ids), q[:, None] * p_rank)
+    p = p.scatter_add(1, torch.as_tensor(ids).clamp_min(0), q[:, None] * p_rank)  # padding: p_rank 0
     rank = (p > p.gather(1, tgt[:, None])).sum(1)
     return (
         float((rank < 1).float().mean()),
@@ -266,8 +276,8 @@ def mixture_hits(logp, ids, p_rank, q, tgt, novel) -> tuple[float, float, float]
 
 def cmd_mix(data: str, run: str, n: int) -> None:
     t = tables(data)
-    Xv, Yv, _ = ranker_set(t, novel_samples(t, data, "valid"))
-    ranker = train_ranker(Xv, Yv, 32)
+    Xv, Yv, Iv = ranker_set(t, novel_samples(t, data, "valid"))
+    ranker = train_ranker(Xv, Yv, Iv, 32)
     n_valid = len(np.load(f"{data}/samples_valid.npy"))
     vi = np.linspace(0, n_valid - 1, min(n, n_valid)).astype(int)
     lv, rv = model_log_probs(run, data, "valid", vi)
@@ -279,7 +289,7 @@ def cmd_mix(data: str, run: str, n: int) -> None:
     with torch.no_grad():
         z = gate(gate_features(t, rt, lt))
         X, _, ids = ranker_set(t, rt)
-        p_rank = torch.softmax(ranker(X), -1)
+        p_rank = torch.softmax(masked(ranker(X), ids), -1)
     tgt = torch.as_tensor(t["loc"][rt])
     m = gate_features(t, rt, lt)[:, 0].numpy()  # the run's own log-odds of its mass off the window
     print(f"{run} on {len(rt)} test samples ({int(novel.sum())} novel); gate ROC AUC "
