@@ -115,8 +115,7 @@ def features(t: dict, r: int) -> tuple[np.ndarray, np.ndarray]:
 def candidates(X: np.ndarray, vis: np.ndarray) -> np.ndarray:
     """The N_CAND unvisited places with the best hand-made score [min(N_CAND, L)]; -1 pads the list where
     fewer places are unvisited (tiny data sets)."""
-    s = sum(wt * X[:, k] for k, wt in HAND.items())
-    order = np.argsort(-np.where(vis, -np.inf, s), kind="stable")[:N_CAND]
+    order = np.argsort(-np.where(vis, -np.inf, hand_scores(X)), kind="stable")[:N_CAND]
     return np.where(vis[order], -1, order)
 
 
@@ -185,7 +184,8 @@ def hits(scores: torch.Tensor, Y: torch.Tensor, ks=(1, 10, 20)) -> dict[int, flo
     return {k: float(((rank < k) & (Y >= 0)).float().mean()) for k in ks}
 
 
-def hand_scores(X: torch.Tensor) -> torch.Tensor:
+def hand_scores(X):
+    """The hand-made score of features [..., 16] (numpy or torch) -> [...]."""
     return sum(wt * X[..., k] for k, wt in HAND.items())
 
 
@@ -287,11 +287,12 @@ def cmd_mix(data: str, run: str, n: int) -> None:
     lt, rt = model_log_probs(run, data, "test", ti)
     novel = torch.as_tensor(t["novel"][rt])
     with torch.no_grad():
-        z = gate(gate_features(t, rt, lt))
+        g_feat = gate_features(t, rt, lt)
+        z = gate(g_feat)
         X, _, ids = ranker_set(t, rt)
         p_rank = torch.softmax(masked(ranker(X), ids), -1)
     tgt = torch.as_tensor(t["loc"][rt])
-    m = gate_features(t, rt, lt)[:, 0].numpy()  # the run's own log-odds of its mass off the window
+    m = g_feat[:, 0].numpy()  # the run's own log-odds of its mass off the window
     print(f"{run} on {len(rt)} test samples ({int(novel.sum())} novel); gate ROC AUC "
           f"{auc(z[novel].numpy(), z[~novel].numpy()):.3f} (the run's own mass off the window alone: "
           f"{auc(m[novel.numpy()], m[~novel.numpy()]):.3f})")  # fmt: skip

@@ -108,6 +108,11 @@ def covisitation(user: np.ndarray, loc: np.ndarray, n_loc: int, k: int) -> tuple
     return ids, cnts, users_L
 
 
+def _train_view(records: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(loc as int64 [N], user [N], train mask [N]) of the record columns: one conversion per table build."""
+    return records["loc"].astype(np.int64), records["user"], records["split"] == 0
+
+
 def visits_and_successors(
     records: dict[str, np.ndarray], n_loc: int, top_k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -115,8 +120,12 @@ def visits_and_successors(
     0, count 0) over the TRAIN split (``split == 0``) of ``records`` (columns loc, user, split). A transition
     i -> i+1 counts when both records belong to the same user and record i+1 is a train record (as the
     ``markov`` baseline). Shared by ``city_counts`` and the retrieval head's tables, which need no more."""
-    loc = records["loc"].astype(np.int64)
-    user, train = records["user"], records["split"] == 0
+    return _visits_and_successors(*_train_view(records), n_loc, top_k)
+
+
+def _visits_and_successors(
+    loc: np.ndarray, user: np.ndarray, train: np.ndarray, n_loc: int, top_k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     visits_L = np.bincount(loc[train], minlength=n_loc).astype(np.float32)
     step = np.flatnonzero((user[1:] == user[:-1]) & train[1:])
     keys, cnt = np.unique(loc[step] * n_loc + loc[step + 1], return_counts=True)
@@ -128,9 +137,8 @@ def city_counts(records: dict[str, np.ndarray], n_loc: int, top_k: int, covisit_
     """Visit, time-bin and transition counts over the TRAIN split (``split == 0``) of ``records``
     (columns loc, user, hour, weekday, split; transitions as ``visits_and_successors``). ``covisit_k`` > 0
     adds the co-visitation lists (``covisitation``) of the train split."""
-    loc = records["loc"].astype(np.int64)
-    user, train = records["user"], records["split"] == 0
-    visits_L, ids, cnts = visits_and_successors(records, n_loc, top_k)
+    loc, user, train = _train_view(records)
+    visits_L, ids, cnts = _visits_and_successors(loc, user, train, n_loc, top_k)
     tb = time_bin(records["hour"].astype(np.int64), records["weekday"].astype(np.int64))
     visits_LT = np.zeros((n_loc, N_TIME_BINS), np.float32)
     np.add.at(visits_LT, (loc[train], tb[train]), 1.0)
